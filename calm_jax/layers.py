@@ -1,0 +1,160 @@
+"""Building blocks shared by every calm_jax model.
+
+Every parameter is created through :func:`param_init`, which attaches logical
+axis names (see :mod:`calm_jax.sharding` for the table that maps them onto a
+device mesh).  Logical axes used by the models:
+
+  vocab      vocabulary rows of an embedding or LM head
+  embed      the model width D (residual stream)
+  mlp        hidden width of MLPs (SwiGLU intermediate, head MLP widths)
+  heads      query heads;  kv_heads  key/value heads;  head_dim  per-head width
+  latent     the autoencoder latent L (and its 2L mean/log-std output)
+  noise      the energy head's noise input
+  patch      K * D concatenations (squeeze / expand / input compression)
+  norm       scales and biases of normalisation layers
+  layers     the stacked-layer axis when layers are scanned
+
+Initialisation follows Hugging Face ``post_init``: weights ~ N(0, 0.02), biases
+zero, norm scales one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def param_init(init, axes: Sequence[str | None]):
+  return nn.with_logical_partitioning(init, tuple(axes))
+
+
+def normal_init(std: float):
+  return nn.initializers.normal(stddev=std)
+
+
+class Dense(nn.Module):
+  """``y = x @ W (+ b)`` over the last input axes, with logical axis names.
+
+  ``features`` may be a tuple (e.g. (heads, head_dim)); ``in_axes`` is the
+  number of trailing input axes contracted.
+  """
+  features: int | tuple[int, ...]
+  axes: tuple[str | None, ...]
+  use_bias: bool = False
+  in_axes: int = 1
+  std: float = 0.02
+  zero_init: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    feats = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+    in_shape = x.shape[-self.in_axes:]
+    init = nn.initializers.zeros if self.zero_init else normal_init(self.std)
+    kernel = self.param("kernel", param_init(init, self.axes), in_shape + feats, self.param_dtype)
+    x = x.astype(self.dtype)
+    kernel = kernel.astype(self.dtype)
+    contract_x = tuple(range(x.ndim - self.in_axes, x.ndim))
+    contract_k = tuple(range(self.in_axes))
+    y = jax.lax.dot_general(x, kernel, ((contract_x, contract_k), ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", param_init(nn.initializers.zeros, self.axes[-len(feats):]), feats,
+                        self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class RMSNorm(nn.Module):
+  """Llama RMSNorm: statistics in fp32, scale applied in the compute dtype."""
+  eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", param_init(nn.initializers.ones, ("norm",)), (x.shape[-1],),
+                       self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return scale.astype(self.dtype) * x32.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+  """Standard LayerNorm (mean and two-pass variance in fp32), affine, as ``torch.nn.LayerNorm``."""
+  eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    scale = self.param("scale", param_init(nn.initializers.ones, ("norm",)), (d,), self.param_dtype)
+    bias = self.param("bias", param_init(nn.initializers.zeros, ("norm",)), (d,), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+class SwiGLU(nn.Module):
+  """Llama MLP: ``down(silu(gate(x)) * up(x))``, no biases."""
+  hidden_size: int
+  intermediate_size: int
+  std: float = 0.02
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kw = dict(std=self.std, dtype=self.dtype, param_dtype=self.param_dtype)
+    gate = Dense(self.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
+    up = Dense(self.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
+    return Dense(self.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(nn.silu(gate) * up)
+
+
+class Embed(nn.Module):
+  """Token embedding ``[V, D]`` with an ``attend`` for tied output projections."""
+  num_embeddings: int
+  features: int
+  std: float = 0.02
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    self.embedding = self.param("embedding", param_init(normal_init(self.std), ("vocab", "embed")),
+                                (self.num_embeddings, self.features), self.param_dtype)
+
+  def __call__(self, ids):
+    return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+  def attend(self, h):
+    """Logits ``h @ E^T`` (the tied output projection)."""
+    return jnp.einsum("...d,vd->...v", h.astype(self.dtype), self.embedding.astype(self.dtype))
+
+
+def rotary_cos_sin(positions, head_dim: int, theta: float):
+  """Hugging Face Llama rotary tables for integer ``positions`` of any shape.
+
+  Returns cos, sin of shape ``positions.shape + (head_dim,)`` in fp32; the two
+  halves of each head are rotated together (``rotate_half``), not interleaved.
+  """
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rotary(x_BxTxHxDh, cos_BxTxDh, sin_BxTxDh):
+  half = x_BxTxHxDh.shape[-1] // 2
+  x1, x2 = x_BxTxHxDh[..., :half], x_BxTxHxDh[..., half:]
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  cos = cos_BxTxDh[:, :, None, :].astype(x_BxTxHxDh.dtype)
+  sin = sin_BxTxDh[:, :, None, :].astype(x_BxTxHxDh.dtype)
+  return x_BxTxHxDh * cos + rotated * sin

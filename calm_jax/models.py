@@ -1,0 +1,123 @@
+"""Model construction, parameter initialisation and the per-model loss functions.
+
+The three model kinds:
+  ``autoencoder``  :class:`calm_jax.autoencoder.Autoencoder`   (AutoencoderConfig)
+  ``energy``       :class:`calm_jax.energy.EnergyModel`         (EnergyConfig)
+  ``transformer``  :class:`calm_jax.transformer.TransformerLM`  (TransformerConfig)
+
+Parameters are plain pytrees of arrays (``init_params`` strips flax's
+partitioning boxes); their logical axis names come from ``logical_axes`` and
+are mapped onto a mesh by :mod:`calm_jax.sharding`.  Loss functions are pure:
+``(params, batch, key) -> (loss, metrics)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from calm_jax import losses
+from calm_jax.autoencoder import Autoencoder
+from calm_jax.configs import AutoencoderConfig, EnergyConfig, TransformerConfig
+from calm_jax.energy import EnergyModel, sample_noise
+from calm_jax.transformer import TransformerLM
+
+KINDS = ("autoencoder", "energy", "transformer")
+Params = Any
+
+
+def build(cfg):
+  """The flax module for a model config."""
+  if isinstance(cfg, AutoencoderConfig):
+    return Autoencoder(cfg)
+  if isinstance(cfg, EnergyConfig):
+    return EnergyModel(cfg)
+  if isinstance(cfg, TransformerConfig):
+    return TransformerLM(cfg)
+  raise TypeError(f"no model for config type {type(cfg).__name__}")
+
+
+def _example_inputs(cfg):
+  if isinstance(cfg, AutoencoderConfig):
+    return (jnp.zeros((1, cfg.patch_size), jnp.int32),)
+  if isinstance(cfg, EnergyConfig):
+    k = cfg.patch_size
+    return (jnp.zeros((1, 2 * k), jnp.int32), jnp.zeros((1, 1, 1, cfg.noise_size), jnp.float32))
+  return (jnp.zeros((1, 2), jnp.int32),)
+
+
+def _boxed_init(cfg, key):
+  return build(cfg).init(key, *_example_inputs(cfg))["params"]
+
+
+def init_params(cfg, key) -> Params:
+  """Fresh parameters (fp32 unless ``param_dtype`` says otherwise), unboxed."""
+  return nn.unbox(_boxed_init(cfg, key))
+
+
+def abstract_params(cfg) -> Params:
+  """Shapes and dtypes of the parameters without allocating them."""
+  return nn.unbox(jax.eval_shape(lambda k: _boxed_init(cfg, k), jax.random.key(0)))
+
+
+def logical_axes(cfg) -> Params:
+  """A pytree like the parameters whose leaves are tuples of logical axis names."""
+  boxed = jax.eval_shape(lambda k: _boxed_init(cfg, k), jax.random.key(0))
+  return nn.get_partition_spec(boxed)
+
+
+def count_params(params) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+# --------------------------------------------------------------------------- loss functions
+
+
+def autoencoder_loss_fn(cfg: AutoencoderConfig, params, tokens_BxT, key, train: bool = True):
+  """VAE loss of the autoencoder on a batch of token blocks (T a multiple of K)."""
+  out = Autoencoder(cfg).apply({"params": params}, tokens_BxT, key=key, train=train)
+  return losses.autoencoder_loss(out, tokens_BxT, cfg, train=train)
+
+
+def encode_targets(ae_cfg: AutoencoderConfig, ae_params, tokens_BxT):
+  """The frozen autoencoder's posterior (mean, log_std) of every chunk, no gradient."""
+  mean, log_std = Autoencoder(ae_cfg).apply({"params": ae_params}, tokens_BxT, method="encode")
+  return jax.lax.stop_gradient(mean), jax.lax.stop_gradient(log_std)
+
+
+def energy_loss_fn(cfg: EnergyConfig, ae_cfg: AutoencoderConfig, params, ae_params, tokens_BxT, key,
+                   mask_BxT=None, pairwise: str = "gram"):
+  """CALM's training loss on a block of T = S*K tokens.
+
+  The model reads chunks 0..S-2 and predicts chunks 1..S-1: N head samples per
+  position (fresh noise each) are scored against M samples of the frozen
+  autoencoder's posterior of the true chunk.  ``ae_params`` is an explicit
+  argument, outside any optimiser: the autoencoder is frozen.
+  """
+  k = cfg.patch_size
+  b, t = tokens_BxT.shape
+  s = t // k
+  k_noise, k_target = jax.random.split(key)
+  mean, log_std = encode_targets(ae_cfg, ae_params, tokens_BxT[:, k:])          # B x (S-1) x L
+  noise = sample_noise(k_noise, (cfg.num_samples, b, s - 1), cfg.noise_size)
+  preds = EnergyModel(cfg).apply({"params": params}, tokens_BxT, noise)         # N x B x (S-1) x L
+  p = b * (s - 1)
+  x = preds.reshape(cfg.num_samples, p, -1)
+  y = losses.posterior_samples(k_target, mean.reshape(p, -1), log_std.reshape(p, -1),
+                               cfg.num_target_samples)
+  mask = None
+  if mask_BxT is not None:  # a target chunk counts when its first token is real (reference's patch_mask)
+    mask = mask_BxT[:, k:].reshape(b, s - 1, k)[:, :, 0].reshape(p)
+  loss = losses.energy_loss(x, y, cfg.beta, mask, pairwise)
+  return loss, {"loss": loss, "energy_loss": loss}
+
+
+def transformer_loss_fn(cfg: TransformerConfig, params, tokens_BxT, key=None, mask_BxT=None):
+  """Next-token cross-entropy of the discrete baseline."""
+  del key
+  logits, _ = TransformerLM(cfg).apply({"params": params}, tokens_BxT)
+  loss = losses.next_token_loss(logits, tokens_BxT, mask_BxT)
+  return loss, {"loss": loss, "ce": loss}

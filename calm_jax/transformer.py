@@ -1,0 +1,28 @@
+"""The discrete baseline: Llama backbone + untied LM head (HF ``LlamaForCausalLM``).
+
+Dimension legend: B batch, T tokens, D width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from calm_jax import layers
+from calm_jax.backbone import Cache, LlamaModel
+from calm_jax.configs import TransformerConfig, dtype_of
+
+
+class TransformerLM(nn.Module):
+  """``__call__(tokens_BxT, positions_BxT=None, cache=None, valid_BxT=None) -> (logits_BxTxV fp32, cache)``."""
+  cfg: TransformerConfig
+
+  def setup(self):
+    b = self.cfg.backbone
+    self.model = LlamaModel(b)
+    self.lm_head = layers.Dense(b.vocab_size, ("embed", "vocab"), std=b.initializer_range,
+                                dtype=dtype_of(b.dtype), param_dtype=dtype_of(b.param_dtype))
+
+  def __call__(self, tokens_BxT, positions_BxT=None, cache: Cache | None = None, valid_BxT=None):
+    h, cache = self.model(self.model.embed(tokens_BxT), positions_BxT, cache, valid_BxT)
+    return self.lm_head(h).astype(jnp.float32), cache
