@@ -37,6 +37,30 @@ def _ln(cfg: EnergyConfig, name=None):
   return layers.LayerNorm(1e-6, dtype_of(b.dtype), dtype_of(b.param_dtype), name=name)
 
 
+class ConcatDense(nn.Module):
+  """``concat(a, b) @ W + bias`` computed as ``a @ W[:Da] + b @ W[Da:] + bias``.
+
+  The head's conditioning input is the same for all N samples of a position:
+  splitting the matmul lets that half run once per position (b broadcasts
+  against a's sample axis) instead of N times, with the reference's [Da+Db, out]
+  kernel unchanged.
+  """
+  features: int
+  axes: tuple
+  std: float = 0.02
+  dtype: object = jnp.float32
+  param_dtype: object = jnp.float32
+
+  @nn.compact
+  def __call__(self, a, b):
+    da, db = a.shape[-1], b.shape[-1]
+    kernel = self.param("kernel", layers.param_init(layers.normal_init(self.std), self.axes),
+                        (da + db, self.features), self.param_dtype).astype(self.dtype)
+    bias = self.param("bias", layers.param_init(nn.initializers.zeros, self.axes[-1:]), (self.features,),
+                      self.param_dtype).astype(self.dtype)
+    return a.astype(self.dtype) @ kernel[:da] + (b.astype(self.dtype) @ kernel[da:] + bias)
+
+
 class MLPBlock(nn.Module):
   """Residual block refining the noise stream x, conditioned on y (the projected hidden state)."""
   cfg: EnergyConfig
@@ -45,8 +69,7 @@ class MLPBlock(nn.Module):
   def __call__(self, x, y):
     d = self.cfg.backbone.hidden_size
     kw = _kw(self.cfg)
-    h = jnp.concatenate([_ln(self.cfg, "in_ln")(x), y], axis=-1)
-    h = nn.silu(layers.Dense(d, ("mlp", "embed"), use_bias=True, name="linear_0", **kw)(h))
+    h = nn.silu(ConcatDense(d, ("mlp", "embed"), name="linear_0", **kw)(_ln(self.cfg, "in_ln")(x), y))
     h = nn.silu(layers.Dense(d, ("embed", "mlp"), use_bias=True, name="linear_1", **kw)(h))
     h = layers.Dense(2 * d, ("mlp", "embed"), use_bias=True, name="linear_2", **kw)(h)
     gate, up = h[..., :d], h[..., d:]
@@ -66,7 +89,7 @@ class EnergyHead(nn.Module):
                                             **kw)(noise_xE))
     y = _ln(cfg, "norm_hidden")(layers.Dense(d, ("embed", "mlp"), use_bias=True, name="hidden_embd",
                                              **kw)(h_xD))
-    x, y = jnp.broadcast_arrays(x, y)
+    # No broadcast of y to x's sample axis: the conditioning work stays per position.
     for i in range(cfg.num_mlp_layers):
       x = MLPBlock(cfg, name=f"mlp_blocks_{i}")(x, y)
     x = _ln(cfg, "final_in_ln")(x)

@@ -13,6 +13,7 @@ are mapped onto a mesh by :mod:`calm_jax.sharding`.  Loss functions are pure:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -53,8 +54,12 @@ def _boxed_init(cfg, key):
   return build(cfg).init(key, *_example_inputs(cfg))["params"]
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def init_params(cfg, key) -> Params:
-  """Fresh parameters (fp32 unless ``param_dtype`` says otherwise), unboxed."""
+  """Fresh parameters (fp32 unless ``param_dtype`` says otherwise), unboxed.
+
+  Jitted: an eager flax init dispatches hundreds of small ops one by one.
+  """
   return nn.unbox(_boxed_init(cfg, key))
 
 

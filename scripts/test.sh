@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Sets up a virtual environment with calm_jax and its test dependencies, then runs the suite.
+# Usage: bash scripts/test.sh [extra pytest args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${CALM_VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q -e '.[test]'
+# Two workers on a 2-core machine; tests that need fake devices start their own processes.
+exec "$VENV/bin/python" -m pytest -q -n "${PYTEST_WORKERS:-2}" "$@"
