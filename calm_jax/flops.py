@@ -311,6 +311,20 @@ def training_flops(kind: str, cfg, tokens: float, context: int, *, ae_cfg: Autoe
   return total
 
 
+def train_flops_per_token(kind: str, cfg, ae_cfg: AutoencoderConfig | None = None,
+                          context: int | None = None) -> float:
+  """Model FLOPs per trained token, for ``perf/mfu`` (``mfu(tokens_per_sec, this, peak)``).
+
+  ``context`` is the attention context of the training blocks in positions:
+  ``block_length`` tokens for the baseline, ``block_length // K`` chunks for
+  CALM; ignored for the autoencoder.  Convention ``factored`` (docs/FLOPS.md):
+  model FLOPs, not what remat or a redundant implementation re-executes.
+  """
+  if kind != "autoencoder" and (context is None or context <= 0):
+    raise ValueError(f"train_flops_per_token({kind!r}) needs the attention context (positions), got {context}")
+  return flops_per_token(kind, cfg, context or 0, train=True, ae_cfg=ae_cfg).total
+
+
 # --------------------------------------------------------------------------- comparisons
 
 
