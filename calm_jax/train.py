@@ -1,0 +1,469 @@
+"""One training loop for the autoencoder, CALM and the discrete baseline.
+
+``run(config, workdir)`` does, in order (STYLE §2-§5, §9, §11, §12):
+
+  1. ``resolve``: the ConfigDict -> typed, validated settings; every error names
+     its field (``model.num_attention_heads``, ``data.block_length``,
+     ``model.latent_size`` against the autoencoder checkpoint, ...) and nothing
+     has started;
+  2. the mesh (``config.mesh``) and the logical-axis rules;
+  3. the data: ``data.dir`` prepared by ``launch.prepare`` (or here, from
+     ``data.source``, when ``data.auto_prepare``), its manifest checked against
+     the config (block length, K, vocabulary, tokenizer fingerprint);
+  4. the state: resume this workdir's latest readable checkpoint (with the data
+     iterator's position), or initialise; for CALM the autoencoder's parameters
+     are read once from ``ae_workdir`` and passed to every step, frozen;
+  5. the loop: one jitted step with the state donated; metrics fetched one step
+     late (a NaN/Inf stops the run naming the step and the last good
+     checkpoint); evaluation every ``train.eval_every`` steps and at the end;
+     checkpoints every ``train.checkpoint_every`` steps, on SIGTERM and at the end.
+
+Workdir layout: ``config.json``, ``tokenizer/``, ``checkpoints/``,
+``metrics.jsonl``, ``tb/``.  Starting again in the same workdir resumes; a run
+whose last checkpoint is at ``train.steps`` only evaluates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from calm_jax import checkpoint, metrics, models, sharding, trainers
+from calm_jax import data as data_lib
+from calm_jax.configs import AutoencoderConfig, ConfigError, EnergyConfig, TransformerConfig
+from calm_jax.optim import OptimConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ConfigError", "Experiment", "resolve", "run"]
+
+
+def _say(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(f"[calm_jax] {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------- the config, typed
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+  dir: str = ""
+  tokenizer: str = ""
+  source: str = "default:train"
+  valid_source: str = "default:valid"
+  block_length: int = 2048
+  mode: str = "lm"
+  vocab_size: int = 8192
+  valid_fraction: float = 0.0
+  auto_prepare: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+  steps: int = 1000
+  global_batch_size: int = 8
+  seed: int = 0
+  log_every: int = 50
+  eval_every: int = 1000
+  checkpoint_every: int = 1000
+  keep_checkpoints: int = 3
+  eval_batches: int = 16
+  eval_batch_size: int = 0    # 0: global_batch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+  ae_noise_sigma: float = 0.3
+  brier: bool = False
+  block_length: int = 256
+  num_blocks: int = 64
+  temperature: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """A validated experiment: what ``run`` and the registry tests consume.
+
+  ``ae_model`` is the autoencoder CALM runs on: read from ``ae_workdir``'s
+  config.json, or (``resolve(..., check_paths=False)``) the paper's autoencoder
+  for the model's K and latent size.
+  """
+  kind: str
+  model: Any
+  optim: OptimConfig
+  data: DataSettings
+  train: TrainSettings
+  eval: EvalSettings
+  mesh: dict
+  sharding_rules: dict
+  ae_workdir: str
+  ae_model: AutoencoderConfig | None
+  config_dict: dict
+
+  @property
+  def vocab_size(self) -> int:
+    return self.model.vocab_size if self.kind == "autoencoder" else self.model.backbone.vocab_size
+
+
+_MODEL_TYPES = {"autoencoder": AutoencoderConfig, "energy": EnergyConfig, "transformer": TransformerConfig}
+_TOP_LEVEL = ("kind", "model", "ae_workdir", "data", "optim", "train", "mesh", "sharding_rules", "eval")
+
+
+def _section(cls, d: Mapping, name: str):
+  """A settings dataclass from a dict; unknown keys and wrong types are errors naming ``name.key``."""
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  kwargs = {}
+  for k, v in dict(d).items():
+    if k not in fields:
+      raise ConfigError(f"{name}.{k}: unknown key (known: {', '.join(fields)})")
+    default = fields[k].default
+    ok = (isinstance(v, bool) if isinstance(default, bool)
+          else isinstance(v, int) and not isinstance(v, bool) if isinstance(default, int)
+          else isinstance(v, (int, float)) and not isinstance(v, bool) if isinstance(default, float)
+          else isinstance(v, str))
+    if not ok:
+      raise ConfigError(f"{name}.{k}: expected {type(default).__name__}, got {v!r}")
+    kwargs[k] = float(v) if isinstance(default, float) else v
+  return cls(**kwargs)
+
+
+def _positive(obj, name: str, *fields_):
+  for f in fields_:
+    if getattr(obj, f) < 1:
+      raise ConfigError(f"{name}.{f}: must be >= 1, got {getattr(obj, f)}")
+
+
+def read_ae_config(ae_workdir: str) -> AutoencoderConfig:
+  """The autoencoder config saved by stage 1 in ``ae_workdir/config.json``."""
+  path = os.path.join(ae_workdir, "config.json")
+  if not os.path.isfile(path):
+    raise ConfigError(f"ae_workdir: {path} does not exist (train the autoencoder there first)")
+  with open(path) as f:
+    saved = json.load(f)
+  if saved.get("kind") != "autoencoder":
+    raise ConfigError(f"ae_workdir: {ae_workdir} holds a {saved.get('kind')!r} run, not an autoencoder")
+  return AutoencoderConfig.from_dict(saved["model"], f"{path}:model")
+
+
+def resolve(config: Any, *, check_paths: bool = True) -> Experiment:
+  """Validate a config (ConfigDict or dict) into an :class:`Experiment`; nothing is started.
+
+  Args:
+    config: the experiment (``experiments/*.py``; fields in ``experiments/common.py``).
+    check_paths: read ``ae_workdir``'s config (CALM) and compare it with the model;
+      False for abstract builds (the registry's tests, parameter counts).
+
+  Raises:
+    ConfigError: the message starts with the offending field, e.g.
+      ``model.backbone.num_key_value_heads: ...`` or ``data.block_length: ...``.
+  """
+  d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  unknown = sorted(set(d) - set(_TOP_LEVEL))
+  if unknown:
+    raise ConfigError(f"{unknown[0]}: unknown top-level key (known: {', '.join(_TOP_LEVEL)})")
+  kind = d.get("kind")
+  if kind not in _MODEL_TYPES:
+    raise ConfigError(f"kind: must be one of {tuple(_MODEL_TYPES)}, got {kind!r}")
+  model = _MODEL_TYPES[kind].from_dict(d.get("model", {}), "model")
+  optim_d = dict(d.get("optim", {}))
+  known = {f.name for f in dataclasses.fields(OptimConfig)}
+  for k in optim_d:
+    if k not in known:
+      raise ConfigError(f"optim.{k}: unknown key (known: {', '.join(sorted(known))})")
+  try:
+    optim_cfg = OptimConfig(**optim_d)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(str(e).replace("OptimConfig.", "optim.")) from None
+  data = _section(DataSettings, d.get("data", {}), "data")
+  train = _section(TrainSettings, d.get("train", {}), "train")
+  if not train.eval_batch_size:
+    train = dataclasses.replace(train, eval_batch_size=train.global_batch_size)
+  evals = _section(EvalSettings, d.get("eval", {}), "eval")
+  _positive(train, "train", "steps", "global_batch_size", "log_every", "eval_every", "checkpoint_every",
+            "keep_checkpoints", "eval_batch_size")
+  if train.global_batch_size % optim_cfg.grad_accum_steps:
+    raise ConfigError(f"optim.grad_accum_steps: {optim_cfg.grad_accum_steps} does not divide "
+                      f"train.global_batch_size={train.global_batch_size}")
+  if data.mode not in ("ae", "lm"):
+    raise ConfigError(f"data.mode: must be 'ae' or 'lm', got {data.mode!r}")
+  _positive(data, "data", "block_length")
+
+  if kind != "transformer" and data.block_length % model.patch_size:
+    raise ConfigError(f"data.block_length: {data.block_length} is not a multiple of "
+                      f"model.patch_size={model.patch_size}")
+  if kind == "energy":
+    chunks = data.block_length // model.patch_size
+    if chunks < 2:
+      raise ConfigError(f"data.block_length: {data.block_length} gives {chunks} chunk(s); CALM needs >= 2")
+    if chunks - 1 > model.backbone.max_position_embeddings:
+      raise ConfigError(f"model.backbone.max_position_embeddings: {model.backbone.max_position_embeddings} "
+                        f"< the {chunks - 1} input chunks of data.block_length={data.block_length}")
+  if kind == "transformer" and data.block_length > model.backbone.max_position_embeddings:
+    raise ConfigError(f"model.backbone.max_position_embeddings: {model.backbone.max_position_embeddings} "
+                      f"< data.block_length={data.block_length}")
+  vocab_field = "model.vocab_size" if kind == "autoencoder" else "model.backbone.vocab_size"
+  vocab = model.vocab_size if kind == "autoencoder" else model.backbone.vocab_size
+  if data.auto_prepare and not data.tokenizer and vocab != data.vocab_size:
+    raise ConfigError(f"{vocab_field}: {vocab}, but the BPE tokenizer auto_prepare trains has "
+                      f"data.vocab_size={data.vocab_size}")
+
+  ae_workdir = d.get("ae_workdir", "") or ""
+  ae_model = None
+  if kind == "energy":
+    if check_paths:
+      if not ae_workdir:
+        raise ConfigError("ae_workdir: CALM needs the stage-1 autoencoder's workdir")
+      ae_model = read_ae_config(ae_workdir)
+      for f, ours in (("patch_size", model.patch_size), ("latent_size", model.latent_size),
+                      ("vocab_size", vocab)):
+        if getattr(ae_model, f) != ours:
+          field = vocab_field if f == "vocab_size" else f"model.{f}"
+          raise ConfigError(f"{field}: {ours}, but the autoencoder in {ae_workdir} has {f}="
+                            f"{getattr(ae_model, f)}")
+    else:
+      ae_model = AutoencoderConfig(vocab_size=vocab, patch_size=model.patch_size,
+                                   latent_size=model.latent_size)
+  mesh = dict(d.get("mesh") or {"data": 1, "fsdp": -1, "tensor": 1})
+  for k in mesh:
+    if k not in sharding.AXES:
+      raise ConfigError(f"mesh.{k}: unknown mesh axis (known: {', '.join(sharding.AXES)})")
+  rules = dict(d.get("sharding_rules") or {})
+  try:
+    sharding.rules_from_config(rules)
+  except sharding.ShardingError as e:
+    raise ConfigError(str(e).removeprefix("config.")) from None
+  return Experiment(kind, model, optim_cfg, data, train, evals, mesh, rules, ae_workdir, ae_model, d)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _prepare_patch_size(exp: Experiment) -> int:
+  if exp.kind != "transformer":
+    return exp.model.patch_size
+  # The baseline has no K; 4 keeps its data interchangeable with CALM's K=4 data.
+  return 4 if exp.data.block_length % 4 == 0 else 1
+
+
+def prepare_data(exp: Experiment) -> dict:
+  """The manifest of ``data.dir``, preparing it first when missing and ``data.auto_prepare``."""
+  d = exp.data
+  path = os.path.join(d.dir, data_lib.blocks.MANIFEST) if d.dir else ""
+  if d.dir and not os.path.isfile(path) and d.auto_prepare:
+    if jax.process_count() > 1:
+      raise data_lib.DataError(f"data.dir: {d.dir} is not prepared; run launch.prepare once before a "
+                               "multi-process job (auto_prepare is single-process only)")
+    tok = (data_lib.load_tokenizer(d.tokenizer) if d.tokenizer
+           else data_lib.load_tokenizer(None, vocab_size=d.vocab_size))
+    _say(f"preparing {d.dir} from {d.source}")
+    data_lib.prepare(d.source, d.dir, tok, d.block_length, _prepare_patch_size(exp), d.mode,
+                     d.valid_fraction, valid_source_spec=d.valid_source or None)
+  if not d.dir:
+    raise data_lib.DataError("data.dir: not set (a directory written by `python -m launch.prepare`)")
+  try:
+    manifest = data_lib.load_manifest(d.dir)
+  except data_lib.DataError as e:
+    raise data_lib.DataError(f"data.dir: {e}") from None
+  return manifest
+
+
+def check_data(exp: Experiment, manifest: dict) -> data_lib.TextTokenizer:
+  """The tokenizer of the run, after checking the prepared data against the config."""
+  d, src = exp.data, exp.data.dir
+
+  def mismatch(field, want, got):
+    raise data_lib.DataError(f"{field}: {want!r} in the config, but {src} was prepared with {got!r}")
+
+  if manifest["block_length"] != d.block_length:
+    mismatch("data.block_length", d.block_length, manifest["block_length"])
+  if manifest["mode"] != d.mode:
+    mismatch("data.mode", d.mode, manifest["mode"])
+  if exp.kind != "transformer" and manifest["patch_size"] != exp.model.patch_size:
+    mismatch("model.patch_size", exp.model.patch_size, manifest["patch_size"])
+  if manifest["vocab_size"] != exp.vocab_size:
+    field = "model.backbone.vocab_size" if exp.kind != "autoencoder" else "model.vocab_size"
+    mismatch(field, exp.vocab_size, manifest["vocab_size"])
+  if d.tokenizer:
+    tok = data_lib.load_tokenizer(d.tokenizer)
+    if tok.fingerprint != manifest["tokenizer_fingerprint"]:
+      raise data_lib.DataError(f"data.tokenizer: {d.tokenizer} (fingerprint {tok.fingerprint[:12]}) is not "
+                               f"the tokenizer {src} was prepared with "
+                               f"({manifest['tokenizer_fingerprint'][:12]})")
+  else:
+    tok = data_lib.load_tokenizer(src)
+  return tok
+
+
+# --------------------------------------------------------------------------- state
+
+
+def _load_autoencoder(exp: Experiment, mesh, rules):
+  """The frozen stage-1 parameters, placed in their shardings (read-only: nothing writes them back)."""
+  ckpt_dir = os.path.join(exp.ae_workdir, "checkpoints")
+  shardings = sharding.param_shardings(exp.ae_model, mesh, rules)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          models.abstract_params(exp.ae_model), shardings)
+  try:
+    return checkpoint.restore_params(ckpt_dir, abstract)
+  except FileNotFoundError as e:
+    raise checkpoint.CheckpointError(f"ae_workdir: {e}") from None
+
+
+def _param_summary(params) -> str:
+  parts = [f"{k} {models.count_params(v) / 1e6:.2f}M" for k, v in params.items()]
+  return f"{models.count_params(params) / 1e6:.2f}M parameters ({', '.join(parts)})"
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate(exp: Experiment, eval_fn, params, ae_params, mesh, key, pad_id: int) -> dict[str, float]:
+  """Held-out metrics over ``train.eval_batches`` batches of the valid split (0: all of it)."""
+  del pad_id
+  it = data_lib.make_eval_iterator(exp.data.dir, "valid", exp.train.eval_batch_size)
+  sums = None
+  for i, batch in enumerate(it):
+    if exp.train.eval_batches and i >= exp.train.eval_batches:
+      break
+    out = eval_fn(params, sharding.put_batch(mesh, batch), jax.random.fold_in(key, i), ae_params)
+    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+  if sums is None:
+    return {}
+  return trainers.finish_eval(jax.device_get(sums))
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def run(config: Any, workdir: str) -> dict[str, float]:
+  """Train (or resume) the experiment ``config`` in ``workdir``; returns the final eval metrics.
+
+  Raises:
+    ConfigError: an invalid config (before anything starts).
+    DataError: missing or mismatched data.
+    CheckpointError: no readable checkpoint where one is needed (e.g. ``ae_workdir``).
+    metrics.NonFiniteError: a NaN/Inf metric (names the step and the last good checkpoint).
+  """
+  exp = resolve(config)
+  workdir = os.path.abspath(workdir)
+  try:
+    mesh = sharding.mesh_from_config(exp.mesh)
+  except sharding.ShardingError as e:
+    raise ConfigError(str(e).removeprefix("config.")) from None
+  rules = sharding.rules_from_config(exp.sharding_rules)
+  if exp.train.global_batch_size % sharding.batch_divisor(mesh):
+    raise ConfigError(f"train.global_batch_size: {exp.train.global_batch_size} is not divisible by the "
+                      f"{sharding.batch_divisor(mesh)} devices of mesh.data x mesh.fsdp")
+  _say(f"{exp.kind} -> {workdir}; {sharding.describe(mesh)}")
+
+  manifest = prepare_data(exp)
+  tok = check_data(exp, manifest)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    metrics.save_config_json(workdir, exp.config_dict)
+    tok.save(os.path.join(workdir, "tokenizer"))
+
+  tx = trainers.make_optimizer(exp.optim)
+  base = jax.random.key(exp.train.seed)
+  init_key, train_key, eval_key = (jax.random.fold_in(base, i) for i in range(3))
+  p_sh = sharding.param_shardings(exp.model, mesh, rules)
+  state_sh = sharding.state_shardings(tx, models.abstract_params(exp.model), p_sh, mesh)
+  abstract = sharding.abstract_state(tx, models.abstract_params(exp.model), state_sh)
+
+  ae_params = _load_autoencoder(exp, mesh, rules) if exp.kind == "energy" else None
+  train_it = data_lib.make_train_iterator(exp.data.dir, "train", exp.train.global_batch_size, exp.train.seed)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 save_interval_steps=exp.train.checkpoint_every,
+                                 max_to_keep=exp.train.keep_checkpoints, config=exp.config_dict)
+  fresh = lambda: sharding.init_state_sharded(exp.model, tx, init_key, mesh, rules)[0]
+  restored = checkpoint.resume_or_init(ckpt, abstract, fresh, data_iter=train_it)
+  state, start = restored.state, int(restored.step)
+  _say(f"{'resumed from ' + restored.path if restored.source == 'resume' else 'initialised'} at step "
+       f"{start}; {_param_summary(state['params'])}")
+
+  step_fn = trainers.make_train_step(exp.kind, exp.model, exp.optim, tx, ae_cfg=exp.ae_model)
+  rep = sharding.replicated(mesh)
+  ae_sh = None if ae_params is None else jax.tree.map(lambda x: x.sharding, ae_params)
+  step_jit = jax.jit(step_fn, donate_argnums=(0,),
+                     in_shardings=(state_sh, sharding.batch_sharding(mesh), rep, ae_sh),
+                     out_shardings=(state_sh, rep))
+  eval_fn = jax.jit(trainers.make_eval_step(exp.kind, exp.model, ae_cfg=exp.ae_model, pad_id=tok.pad_id,
+                                            noise_sigma=exp.eval.ae_noise_sigma))
+  run_eval = lambda params: evaluate(exp, eval_fn, params, ae_params, mesh, eval_key, tok.pad_id)
+
+  total = exp.train.steps
+  if start >= total:
+    ckpt.close()
+    _say(f"already trained to step {start} (train.steps={total}); evaluating only")
+    return run_eval(state["params"])
+
+  tokens_per_step = exp.train.global_batch_size * exp.data.block_length
+  writer = metrics.MetricWriter(workdir)
+  deferred = metrics.DeferredMetrics()
+  preempted = checkpoint.install_preemption_handler()
+  bar = metrics.ProgressBar(total, start, desc=exp.kind)
+  last_eval: dict[str, float] = {}
+  t_last = time.perf_counter()
+
+  def consume(ready):
+    nonlocal t_last
+    if ready is None:
+      return
+    done, host = ready[0] + 1, ready[1]
+    bar.update(ready[0], tokens_per_step, loss=host["train/loss"])
+    if done % exp.train.log_every == 0 or done == total:
+      now = time.perf_counter()
+      host = dict(host)
+      if bar.tokens_per_sec:
+        host["perf/tokens_per_sec"] = bar.tokens_per_sec
+      host["perf/seconds"] = now - t_last
+      t_last = now
+      writer.write(done, host)
+
+  try:
+    for step in range(start, total):
+      batch = sharding.put_batch(mesh, next(train_it))
+      state, m = step_jit(state, batch, train_key, ae_params)
+      consume(deferred.push(step, m, last_good_checkpoint=ckpt.latest_step()))
+      done = step + 1
+      if done % exp.train.eval_every == 0 and done < total:
+        consume(deferred.flush())   # this step's metrics first: eval must not hide a NaN
+        last_eval = run_eval(state["params"])
+        writer.write(done, last_eval)
+        bar.update(step, 0, **{k.removeprefix("eval/"): v for k, v in last_eval.items()
+                               if k != "eval/count"})
+      ckpt.maybe_save(done, state, train_it, force=bool(preempted))
+      if preempted:
+        ckpt.wait()
+        consume(deferred.flush())
+        _say(f"preempted: saved step {done} in {ckpt.directory}; start again to resume")
+        return last_eval
+    consume(deferred.flush())
+    last_eval = run_eval(state["params"])
+    writer.write(total, last_eval)
+    ckpt.save_final(total, state, train_it)
+  finally:
+    bar.close()
+    writer.close()
+    preempted.uninstall()
+    ckpt.close()
+  _say("final " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items() if k != "eval/count"))
+  return last_eval
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The rows of ``workdir/metrics.jsonl`` (for tests and notebooks)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.isfile(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,63 @@
+"""Trains any stage: the autoencoder, CALM on a frozen autoencoder, or the baseline.
+
+  # Tiny runs on a CPU (the embedded corpus is prepared on first use):
+  python -m launch.train --config=experiments/autoencoder.py:tiny --workdir=runs/ae_tiny
+  python -m launch.train --config=experiments/calm.py:tiny --workdir=runs/calm_tiny \\
+      --config.ae_workdir=runs/ae_tiny
+  python -m launch.train --config=experiments/transformer.py:tiny --workdir=runs/tf_tiny
+
+  # Any field can be overridden; a typo is an error naming it:
+  python -m launch.train --config=experiments/calm.py:size=M,K=4 --config.model.backbone.dtype=float32 ...
+
+Start it again with the same --workdir to resume.  On several processes (a TPU
+pod, a SLURM job: launch/tpu_pod.sh, launch/slurm.sh) ``jax.distributed`` is
+initialised from the environment first.  Input problems (a bad config value, a
+missing data directory, an unreadable checkpoint) end with one line,
+``error: <field or path>: <what is wrong>``, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/<family>.py:<arg>", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config, checkpoints, metrics).", required=True)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from calm_jax import sharding  # pylint: disable=import-outside-toplevel
+
+  # Before anything touches a device.
+  sharding.initialize_distributed()
+  from calm_jax import checkpoint, train  # pylint: disable=import-outside-toplevel
+  from calm_jax.data import DataError  # pylint: disable=import-outside-toplevel
+
+  if _CONFIG.value is None:
+    sys.exit("error: --config: required (e.g. --config=experiments/autoencoder.py:tiny)")
+  try:
+    train.run(_CONFIG.value, _WORKDIR.value)
+  except (train.ConfigError, DataError, checkpoint.CheckpointError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run() -> None:
+  # config_flags applies --config.x.y overrides while parsing and raises plain
+  # AttributeError/KeyError/TypeError for an unknown field or a bad value, before
+  # main runs: parse here first so that those also end as one line naming the field.
+  try:
+    flags.FLAGS(sys.argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    msg = " ".join(str(e).replace("\\n", " ").replace("\\'", "'").split()).strip("'\"")
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
