@@ -10,5 +10,6 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q -e '.[test]'
-# Two workers on a 2-core machine; tests that need fake devices start their own processes.
-exec "$VENV/bin/python" -m pytest -q -n "${PYTEST_WORKERS:-2}" "$@"
+# Serial by default: the training tests prepare the shared tiny data directory on first use,
+# and two xdist workers doing so at once can race (set PYTEST_WORKERS=2 once that is locked).
+exec "$VENV/bin/python" -m pytest -q -n "${PYTEST_WORKERS:-0}" "$@"
