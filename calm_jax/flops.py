@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from calm_jax.configs import AutoencoderConfig, EnergyConfig, LlamaConfig, TransformerConfig
 
@@ -360,7 +361,7 @@ def compare(models: Mapping[str, ModelSpec], tokens: float, context: int, *, ae_
     kw = {}
     if kind == "energy":
       ae_cfg = ae_cfg or default_autoencoder(cfg)
-      kw = dict(head_convention=head_convention)
+      kw = {"head_convention": head_convention}
     train = flops_per_token(kind, cfg, context, train=True, ae_cfg=ae_cfg, **kw)
     infer = flops_per_token(kind, cfg, context, train=False, ae_cfg=ae_cfg, **kw)
     rows.append(CostRow(name, kind, count_params(kind, cfg, ae_cfg),
@@ -490,6 +491,38 @@ def measure_matmul_peak(dtype: Any = "bfloat16", n: int = 8192, iters: int = 10)
     f(a, b).block_until_ready()
     best = min(best, time.perf_counter() - t0)
   return 2.0 * n ** 3 / best
+
+
+# Dense bf16 peak FLOP/s per JAX device, by a substring of ``device.device_kind`` (first match wins).
+# Vendor numbers (TPU: per chip; v2/v3 expose each of a chip's two cores as a device).
+KNOWN_BF16_PEAKS: tuple[tuple[str, float], ...] = (
+    ("TPU v6 lite", 918e12), ("TPU v6", 918e12),
+    ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5p", 459e12), ("TPU v5", 459e12),
+    ("TPU v4", 275e12), ("TPU v3", 61.5e12), ("TPU v2", 22.5e12),
+    ("B200", 2250e12), ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("GH200", 989e12),
+    ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10G", 70e12),
+)
+
+
+def device_peak_flops(device: Any, dtype: Any = "bfloat16") -> tuple[float, str]:
+  """Peak FLOP/s of one device for matmuls in ``dtype``, and where the number comes from.
+
+  bf16 on a known TPU/GPU: the vendor peak (``KNOWN_BF16_PEAKS``).  Anything
+  else (CPUs, fp32, unknown accelerators): measured now with
+  :func:`measure_matmul_peak` -- small on a CPU (a fraction of a second), 4096²
+  on an accelerator.
+  """
+  import jax.numpy as jnp
+
+  kind = str(getattr(device, "device_kind", ""))
+  name = jnp.dtype(dtype).name
+  if name == "bfloat16" and device.platform != "cpu":
+    for key, peak in KNOWN_BF16_PEAKS:
+      if key.lower() in kind.lower():
+        return peak, f"{kind} bf16 peak"
+  cpu = device.platform == "cpu"
+  peak = measure_matmul_peak(name, n=1024 if cpu else 4096, iters=3 if cpu else 10)
+  return peak, f"measured {name} matmul on {kind or device.platform}"
 
 
 def mfu(tokens_per_sec: float, flops_per_token: float, peak: float) -> float:

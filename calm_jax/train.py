@@ -78,6 +78,7 @@ class TrainSettings:
   keep_checkpoints: int = 3
   eval_batches: int = 16
   eval_batch_size: int = 0    # 0: global_batch_size
+  peak_flops_per_device: float = 0.0   # for perf/mfu; 0: known table (TPU/GPU), else measured
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +197,7 @@ def resolve(config: Any, *, check_paths: bool = True) -> Experiment:
   if data.mode not in ("ae", "lm"):
     raise ConfigError(f"data.mode: must be 'ae' or 'lm', got {data.mode!r}")
   _positive(data, "data", "block_length")
+  _check_eval(kind, model, data, evals)
 
   if kind != "transformer" and data.block_length % model.patch_size:
     raise ConfigError(f"data.block_length: {data.block_length} is not a multiple of "
@@ -244,6 +246,25 @@ def resolve(config: Any, *, check_paths: bool = True) -> Experiment:
   return Experiment(kind, model, optim_cfg, data, train, evals, mesh, rules, ae_workdir, ae_model, d)
 
 
+def _check_eval(kind: str, model, data: DataSettings, evals: EvalSettings) -> None:
+  """BrierLM during training cuts the held-out blocks into ``eval.block_length`` pieces."""
+  if evals.ae_noise_sigma < 0:
+    raise ConfigError(f"eval.ae_noise_sigma: must be >= 0, got {evals.ae_noise_sigma}")
+  if not evals.brier:
+    return
+  if kind == "autoencoder":
+    raise ConfigError("eval.brier: BrierLM needs an 'energy' or 'transformer' model, not the autoencoder")
+  _positive(evals, "eval", "block_length", "num_blocks")
+  if data.block_length % evals.block_length:
+    raise ConfigError(f"eval.block_length: {evals.block_length} does not divide data.block_length="
+                      f"{data.block_length} (BrierLM evaluates pieces of the held-out blocks)")
+  from calm_jax import evaluate as evaluate_lib  # pylint: disable=import-outside-toplevel
+  try:
+    evaluate_lib.check_block_length(kind, model, evals.block_length)
+  except ValueError as e:
+    raise ConfigError(f"eval.block_length: {e}") from None
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -262,11 +283,18 @@ def prepare_data(exp: Experiment) -> dict:
     if jax.process_count() > 1:
       raise data_lib.DataError(f"data.dir: {d.dir} is not prepared; run launch.prepare once before a "
                                "multi-process job (auto_prepare is single-process only)")
-    tok = (data_lib.load_tokenizer(d.tokenizer) if d.tokenizer
-           else data_lib.load_tokenizer(None, vocab_size=d.vocab_size))
-    _say(f"preparing {d.dir} from {d.source}")
-    data_lib.prepare(d.source, d.dir, tok, d.block_length, _prepare_patch_size(exp), d.mode,
-                     d.valid_fraction, valid_source_spec=d.valid_source or None)
+    # Several processes on one machine (test workers, a sweep started twice) may auto-prepare the
+    # same directory: the first one prepares it under an exclusive lock, the others wait and reuse it.
+    import fcntl  # pylint: disable=import-outside-toplevel
+    os.makedirs(os.path.dirname(os.path.abspath(d.dir)), exist_ok=True)
+    with open(os.path.abspath(d.dir).rstrip(os.sep) + ".lock", "w") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      if not os.path.isfile(path):
+        tok = (data_lib.load_tokenizer(d.tokenizer) if d.tokenizer
+               else data_lib.load_tokenizer(None, vocab_size=d.vocab_size))
+        _say(f"preparing {d.dir} from {d.source}")
+        data_lib.prepare(d.source, d.dir, tok, d.block_length, _prepare_patch_size(exp), d.mode,
+                         d.valid_fraction, valid_source_spec=d.valid_source or None)
   if not d.dir:
     raise data_lib.DataError("data.dir: not set (a directory written by `python -m launch.prepare`)")
   try:
@@ -341,6 +369,57 @@ def evaluate(exp: Experiment, eval_fn, params, ae_params, mesh, key, pad_id: int
   return trainers.finish_eval(jax.device_get(sums))
 
 
+def evaluate_brierlm(exp: Experiment, params, ae_params, key) -> dict[str, float]:
+  """BrierLM (x100) and Brier-1..4 on ``eval.num_blocks`` held-out pieces of ``eval.block_length``."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  from calm_jax import evaluate as evaluate_lib  # pylint: disable=import-outside-toplevel
+
+  pieces = exp.data.block_length // exp.eval.block_length
+  rows = max(1, -(-exp.train.eval_batch_size // pieces))   # source blocks per batch
+  it = data_lib.make_eval_iterator(exp.data.dir, "valid", rows)
+
+  def batches():
+    for batch in it:
+      tokens = np.asarray(batch["tokens"])
+      yield {"tokens": tokens.reshape(-1, exp.eval.block_length),
+             "row_mask": np.repeat(np.asarray(batch["row_mask"]), pieces)}
+
+  per_batch = rows * pieces
+  r = evaluate_lib.evaluate_brier(exp.kind, exp.model, params, batches(), key, ae_cfg=exp.ae_model,
+                                  ae_params=ae_params, num_batches=-(-exp.eval.num_blocks // per_batch),
+                                  progress=False)
+  out = {f"eval/brier{n}": float(r[f"brier{n}"]) for n in range(1, 5)}
+  out["eval/brierlm"] = float(r["brierlm"])
+  out["eval/brierlm_se"] = float(r["brierlm_se"])
+  return out
+
+
+# --------------------------------------------------------------------------- throughput
+
+
+def train_flops_per_token(exp: Experiment) -> float:
+  """Model FLOPs per trained token (``calm_jax.flops``, the 'factored' convention)."""
+  from calm_jax import flops  # pylint: disable=import-outside-toplevel
+  context = None
+  if exp.kind == "energy":
+    context = exp.data.block_length // exp.model.patch_size
+  elif exp.kind == "transformer":
+    context = exp.data.block_length
+  return flops.train_flops_per_token(exp.kind, exp.model, ae_cfg=exp.ae_model, context=context)
+
+
+def peak_flops(exp: Experiment) -> tuple[float, str]:
+  """Peak FLOP/s of all devices together, and where the number comes from."""
+  from calm_jax import flops  # pylint: disable=import-outside-toplevel
+  n = jax.device_count()
+  if exp.train.peak_flops_per_device > 0:
+    return exp.train.peak_flops_per_device * n, "train.peak_flops_per_device"
+  dtype = getattr(exp.model, "dtype", None) or exp.model.backbone.dtype
+  per_device, source = flops.device_peak_flops(jax.devices()[0], dtype)
+  return per_device * n, source
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -398,7 +477,13 @@ def run(config: Any, workdir: str) -> dict[str, float]:
                      out_shardings=(state_sh, rep))
   eval_fn = jax.jit(trainers.make_eval_step(exp.kind, exp.model, ae_cfg=exp.ae_model, pad_id=tok.pad_id,
                                             noise_sigma=exp.eval.ae_noise_sigma))
-  run_eval = lambda params: evaluate(exp, eval_fn, params, ae_params, mesh, eval_key, tok.pad_id)
+  brier_key = jax.random.fold_in(eval_key, 1 << 20)
+
+  def run_eval(params):
+    out = evaluate(exp, eval_fn, params, ae_params, mesh, eval_key, tok.pad_id)
+    if exp.eval.brier:
+      out.update(evaluate_brierlm(exp, params, ae_params, brier_key))
+    return out
 
   total = exp.train.steps
   if start >= total:
@@ -407,26 +492,37 @@ def run(config: Any, workdir: str) -> dict[str, float]:
     return run_eval(state["params"])
 
   tokens_per_step = exp.train.global_batch_size * exp.data.block_length
+  flops_per_token = train_flops_per_token(exp)
+  peak, peak_source = peak_flops(exp)
+  _say(f"{flops_per_token / 1e6:.3g} MFLOPs per token; peak {peak / 1e12:.3g} TFLOP/s over "
+       f"{jax.device_count()} device(s) ({peak_source})")
   writer = metrics.MetricWriter(workdir)
   deferred = metrics.DeferredMetrics()
   preempted = checkpoint.install_preemption_handler()
   bar = metrics.ProgressBar(total, start, desc=exp.kind)
   last_eval: dict[str, float] = {}
-  t_last = time.perf_counter()
+  # Throughput over each logging interval, timed from the first fetched step (compilation excluded).
+  clock = {"t": None, "steps": 0}
 
   def consume(ready):
-    nonlocal t_last
     if ready is None:
       return
     done, host = ready[0] + 1, ready[1]
     bar.update(ready[0], tokens_per_step, loss=host["train/loss"])
+    now = time.perf_counter()
+    if clock["t"] is None:
+      clock["t"] = now
+    else:
+      clock["steps"] += 1
     if done % exp.train.log_every == 0 or done == total:
-      now = time.perf_counter()
       host = dict(host)
-      if bar.tokens_per_sec:
-        host["perf/tokens_per_sec"] = bar.tokens_per_sec
-      host["perf/seconds"] = now - t_last
-      t_last = now
+      if clock["steps"]:
+        seconds = now - clock["t"]
+        tps = clock["steps"] * tokens_per_step / seconds
+        host["perf/step_seconds"] = seconds / clock["steps"]
+        host["perf/tokens_per_sec"] = tps
+        host["perf/mfu"] = tps * flops_per_token / peak
+      clock.update(t=now, steps=0)
       writer.write(done, host)
 
   try:
@@ -441,6 +537,7 @@ def run(config: Any, workdir: str) -> dict[str, float]:
         writer.write(done, last_eval)
         bar.update(step, 0, **{k.removeprefix("eval/"): v for k, v in last_eval.items()
                                if k != "eval/count"})
+        clock.update(t=None, steps=0)   # evaluation time is not training throughput
       ckpt.maybe_save(done, state, train_it, force=bool(preempted))
       if preempted:
         ckpt.wait()

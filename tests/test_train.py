@@ -16,6 +16,7 @@ def _config(name, steps=8, **edits):
     c.train.eval_every = 1000
     c.train.checkpoint_every = 1000
     c.train.eval_batches = 2
+    c.eval.brier = False         # BrierLM compiles its own programs; one test below turns it on
     for k, v in edits.items():
       sec, f = k.split(".")
       c[sec][f] = v
@@ -42,13 +43,30 @@ def test_autoencoder_loss_decreases(ae_workdir):
 
 
 def test_energy_loss_decreases_on_frozen_autoencoder(ae_workdir, tmp_path):
-  c = _config("calm_tiny", steps=8, **{"optim.learning_rate": 3e-3})
+  # BrierLM at the final evaluation, on 128-token pieces of the 256-token held-out blocks.
+  c = _config("calm_tiny", steps=8, **{"optim.learning_rate": 3e-3, "eval.brier": True,
+                                       "eval.block_length": 128, "eval.num_blocks": 8})
   with c.unlocked():
     c.ae_workdir = ae_workdir[0]
   out = train.run(c, str(tmp_path))
   losses = _losses(str(tmp_path))
   assert sum(losses[-2:]) / 2 < losses[0]
   assert "eval/energy_loss" in out
+  assert 0.0 <= out["eval/brierlm"] <= 100.0 and out["eval/brierlm_se"] >= 0.0
+  assert all(-1.0 <= out[f"eval/brier{n}"] <= 1.0 for n in range(1, 5))
+  # Throughput rows: every logged step after the first has tokens/s and an MFU in (0, 1).
+  perf = [r for r in train.read_metrics(str(tmp_path)) if "perf/mfu" in r]
+  assert len(perf) == 7
+  assert all(0.0 < r["perf/mfu"] < 1.0 and r["perf/tokens_per_sec"] > 0 for r in perf)
+
+
+def test_brier_settings_are_validated():
+  c = _config("transformer_tiny", **{"eval.brier": True, "eval.block_length": 100})
+  with pytest.raises(train.ConfigError, match=r"^eval\.block_length: 100 does not divide data\.block_length=256"):
+    train.resolve(c, check_paths=False)
+  c = _config("ae_tiny", **{"eval.brier": True})
+  with pytest.raises(train.ConfigError, match=r"^eval\.brier: "):
+    train.resolve(c, check_paths=False)
 
 
 def test_transformer_loss_decreases(tmp_path):
