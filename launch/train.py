@@ -46,17 +46,31 @@ def main(argv: list[str]) -> None:
     sys.exit(2)
 
 
-def run() -> None:
+def _flag_error(e: Exception, args: list[str]) -> str:
+  """One line naming the offending ``--config.*`` override where the message does not."""
+  msg = " ".join(str(e).replace("\\n", " ").replace("\\'", "'").split()).strip("'\"")
+  if isinstance(e, (AttributeError, KeyError)):
+    for a in args:
+      if a.startswith("--config."):
+        path = a[2:].split("=", 1)[0]
+        if any(f"{part}'" in msg or f"\"{part}\"" in msg for part in path.split(".")[1:]):
+          hint = msg[msg.index("Did you mean"):] if "Did you mean" in msg else ""
+          return f"--{path}: no such config field{'; ' + hint if hint else ''}"
+  return msg
+
+
+def run(argv: list[str] | None = None) -> None:
   # config_flags applies --config.x.y overrides while parsing and raises plain
   # AttributeError/KeyError/TypeError for an unknown field or a bad value, before
-  # main runs: parse here first so that those also end as one line naming the field.
+  # main runs: parse here first so that those also end as one line naming the field,
+  # then hand the parsed argv to app.run (parsing twice would define the overrides twice).
+  argv = list(sys.argv if argv is None else argv)
   try:
-    flags.FLAGS(sys.argv)
+    remaining = flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    msg = " ".join(str(e).replace("\\n", " ").replace("\\'", "'").split()).strip("'\"")
-    print(f"error: {msg}", file=sys.stderr)
+    print(f"error: {_flag_error(e, argv[1:])}", file=sys.stderr)
     sys.exit(2)
-  app.run(main)
+  app.run(main, argv=argv, flags_parser=lambda _: remaining)
 
 
 if __name__ == "__main__":
