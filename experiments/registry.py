@@ -76,8 +76,8 @@ def get_config(name: str) -> ml_collections.ConfigDict:
   return config
 
 
-def get_sweep(name: str):
-  """Whatever the sweep file's ``get_sweep()`` returns (its docstring gives the contract)."""
+def get_sweep(name: str, **kwargs):
+  """Whatever the sweep file's ``get_sweep(**kwargs)`` returns (its docstring gives the contract)."""
   if name not in sweeps():
     raise KeyError(f"unknown sweep {name!r} (known: {', '.join(sweeps())})")
-  return _module(SWEEPS[name].split(":")[0]).get_sweep()
+  return _module(SWEEPS[name].split(":")[0]).get_sweep(**kwargs)

@@ -1,0 +1,75 @@
+"""Runs a sweep of the registry one run after the other, then renders its frontier.
+
+  python -m launch.sweep --sweep=frontier_tiny --root=runs/frontier_tiny
+  python -m launch.sweep --sweep=frontier_tiny --root=/tmp/ft --steps_scale=0.25   # a quicker, rougher plot
+
+Each run trains in ``ROOT/<name>`` with ``calm_jax.train.run`` (so a sweep that
+is started again resumes its unfinished run and skips the finished ones, whose
+last checkpoint is at ``train.steps``), in the sweep's order: autoencoders
+before the CALM runs that read them.  Then ``calm_jax.frontier`` plots BrierLM
+against training FLOPs into ``ROOT/frontier.png`` and ``.svg``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import app, flags
+from absl import logging as absl_logging
+
+_SWEEP = flags.DEFINE_string("sweep", "frontier_tiny", "A sweep name of experiments/registry.py.")
+_ROOT = flags.DEFINE_string("root", None, "Parent directory of the sweep's workdirs.", required=True)
+_STEPS_SCALE = flags.DEFINE_float("steps_scale", 1.0, "Multiply every run's train.steps (and cadences).")
+_ONLY = flags.DEFINE_list("only", [], "Run only these names of the sweep (others must exist already).")
+
+
+def scale_steps(config, scale: float) -> None:
+  """train.steps x scale (at least 1); evaluation and checkpoint cadences follow."""
+  t = config.train
+  steps = max(1, round(t.steps * scale))
+  t.eval_every = max(1, min(t.eval_every, round(t.eval_every * scale)))
+  t.checkpoint_every = max(1, min(t.checkpoint_every, round(t.checkpoint_every * scale)))
+  t.steps = steps
+
+
+def main(argv):
+  del argv
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  from calm_jax import frontier, train  # pylint: disable=import-outside-toplevel
+  from experiments import registry  # pylint: disable=import-outside-toplevel
+
+  if _STEPS_SCALE.value <= 0:
+    sys.exit(f"error: --steps_scale: must be > 0, got {_STEPS_SCALE.value}")
+  root = os.path.abspath(_ROOT.value)
+  try:
+    runs = registry.get_sweep(_SWEEP.value, root=root)
+  except KeyError as e:
+    sys.exit(f"error: --sweep: {e.args[0]}")
+  names = [n for n, _ in runs]
+  unknown = [n for n in _ONLY.value if n not in names]
+  if unknown:
+    sys.exit(f"error: --only: {unknown[0]!r} is not a run of {_SWEEP.value} (runs: {', '.join(names)})")
+  t0 = time.perf_counter()
+  for i, (name, config) in enumerate(runs):
+    if _ONLY.value and name not in _ONLY.value:
+      continue
+    with config.unlocked():
+      scale_steps(config, _STEPS_SCALE.value)
+    print(f"== [{i + 1}/{len(runs)}] {name} ({config.kind}, {config.train.steps} steps) -> {root}/{name}",
+          flush=True)
+    try:
+      train.run(config, os.path.join(root, name))
+    except train.ConfigError as e:
+      sys.exit(f"error: {name}: {e}")
+  workdirs = [os.path.join(root, n) for n in names]
+  loaded = frontier.load_runs([w for w in workdirs if os.path.isdir(w)])
+  print(frontier.format_runs(loaded))
+  for path in frontier.plot(loaded, os.path.join(root, "frontier")):
+    print("wrote", path)
+  print(f"sweep done in {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+  app.run(main)
