@@ -10,6 +10,8 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q -e '.[test]'
-# Serial by default: the training tests prepare the shared tiny data directory on first use,
-# and two xdist workers doing so at once can race (set PYTEST_WORKERS=2 once that is locked).
-exec "$VENV/bin/python" -m pytest -q -n "${PYTEST_WORKERS:-0}" "$@"
+# Two workers (XLA's CPU compiler, which dominates the suite's time, is single-threaded); each
+# test file runs whole on one worker so that module fixtures are built once.  The workers share
+# one persistent XLA compilation cache (see tests/conftest.py).
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$(mktemp -d -t calm_jax_xla_cache_XXXXXX)}"
+exec "$VENV/bin/python" -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"
