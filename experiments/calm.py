@@ -74,8 +74,8 @@ def _tiny(c, k: int) -> None:
   c.data.vocab_size = v
   c.data.block_length = 256
   c.data.dir = os.path.join(corpus.cache_dir(), "prepared", f"default-lm-T256-K{k}-V{v}")
-  common.shrink_for_cpu(c, steps=300, global_batch_size=16)
+  common.shrink_for_cpu(c, steps=200, global_batch_size=8)
   c.optim.learning_rate = 1e-3
   c.eval.block_length = 256
   c.eval.brier = True       # BrierLM on 64 held-out blocks at every evaluation
-  c.eval.num_blocks = 64
+  c.eval.num_blocks = 32

@@ -64,8 +64,8 @@ def _tiny(c) -> None:
   c.data.block_length = 256
   # Shares the prepared directory of tiny CALM with K=4 (same mode, blocks and tokenizer).
   c.data.dir = os.path.join(corpus.cache_dir(), "prepared", f"default-lm-T256-K4-V{v}")
-  common.shrink_for_cpu(c, steps=300, global_batch_size=16)
+  common.shrink_for_cpu(c, steps=200, global_batch_size=8)
   c.optim.learning_rate = 1e-3
   c.eval.block_length = 256
   c.eval.brier = True       # BrierLM ('lowvar' estimator) on 64 held-out blocks at every evaluation
-  c.eval.num_blocks = 64
+  c.eval.num_blocks = 32

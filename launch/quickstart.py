@@ -9,33 +9,61 @@ command again resumes an interrupted stage and only re-evaluates finished ones):
   1. the embedded corpus (Python's own documentation) and a 1024-token BPE,
      packed into blocks (``experiments/*.py:tiny`` set ``data.auto_prepare``);
   2. the tiny autoencoder (K=4): held-out token accuracy, clean and with noise
-     on the latent (the target is >= 99%);
-  3. tiny CALM on the frozen autoencoder: held-out energy loss;
-  4. the tiny Transformer baseline: held-out cross-entropy;
-  5. BrierLM and a few sampled continuations, when ``calm_jax.evaluate`` and
-     ``calm_jax.generate`` are installed.
+     on the latent (the target is >= 99%), as a table over noise levels;
+  3. tiny CALM on the frozen autoencoder: held-out energy loss and BrierLM;
+  4. the tiny Transformer baseline: held-out cross-entropy and BrierLM;
+  5. a few sampled continuations of both, and ``summary.json`` under ``--root``.
 """
 
 from __future__ import annotations
 
-import importlib
+import json
 import os
 import time
 
 from absl import app, flags
+from absl import logging as absl_logging
 
 _ROOT = flags.DEFINE_string("root", "runs/quickstart", "Parent directory of the three workdirs.")
+_PROMPTS = flags.DEFINE_multi_string(
+    "prompt", ["The following example shows how to", "This module provides", "If the file does not exist,"],
+    "Prompts for the sample continuations (repeatable).")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 32, "Tokens per sampled continuation.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature (CALM: 1/n, batch method).")
 
 
-def _optional(name: str):
-  try:
-    return importlib.import_module(name)
-  except ImportError:
-    return None
+def _autoencoder_table(workdir: str, data_dir: str) -> dict:
+  """Reconstruction accuracy at latent noise sigma in {0, .1, .2, .3, .5} on the held-out blocks."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from calm_jax import data, evaluate, loading  # pylint: disable=import-outside-toplevel
+
+  trained = loading.load_trained(workdir)
+  _, pad_id = loading.special_ids(trained)
+  batches = data.make_eval_iterator(data_dir, "valid", global_batch_size=32)
+  result = evaluate.evaluate_autoencoder(trained.cfg, trained.params, batches, jax.random.key(0),
+                                         pad_id=pad_id, progress=False)
+  print(evaluate.format_autoencoder(result))
+  return result
+
+
+def _continuations(workdir: str, prompts: list[str]) -> list[str]:
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from calm_jax import generate, loading  # pylint: disable=import-outside-toplevel
+
+  trained = loading.load_trained(workdir)
+  settings = generate.GenerationSettings(max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value)
+  texts, gen = generate.generate_text(trained, prompts, jax.random.key(0), settings)
+  for prompt, text in zip(prompts, texts):
+    print(f"  {prompt!r} -> {text!r}")
+  print(f"  ({gen.num_tokens} tokens in {gen.seconds:.2f} s after {gen.compile_seconds:.1f} s of compilation)")
+  return texts
 
 
 def main(argv):
   del argv
+  absl_logging.set_verbosity(absl_logging.WARNING)   # orbax's INFO lines would bury the progress bars
   from calm_jax import train  # pylint: disable=import-outside-toplevel
   from experiments import registry  # pylint: disable=import-outside-toplevel
 
@@ -54,25 +82,30 @@ def main(argv):
   print(f"== 4. Transformer baseline -> {dirs['transformer']}")
   results["transformer"] = train.run(registry.get_config("transformer_tiny"), dirs["transformer"])
 
-  print("== 5. evaluation")
+  stamps = {"train_seconds": time.perf_counter() - t0}
   ae, calm, tf = results["autoencoder"], results["calm"], results["transformer"]
+  print("== 5. evaluation")
   print(f"autoencoder  held-out token accuracy {ae['eval/token_acc']:.4%} (clean), "
         f"{ae['eval/token_acc_noisy']:.4%} (latent + N(0, 0.3^2)), "
         f"{ae['eval/token_acc_posterior']:.4%} (posterior sample)")
+  ae_table = _autoencoder_table(dirs["autoencoder"], registry.get_config("ae_tiny").data.dir)
   print(f"CALM         held-out energy loss {calm['eval/energy_loss']:.4f}")
   print(f"Transformer  held-out cross-entropy {tf['eval/ce']:.4f} nats/token "
         f"(perplexity {tf['eval/perplexity']:.1f})")
-  evaluate, generate = _optional("calm_jax.evaluate"), _optional("calm_jax.generate")
-  if not (getattr(evaluate, "brierlm_of_workdir", None) and getattr(generate, "continuations_of_workdir", None)):
-    # TODO(lead): wire calm_jax.loading.load_trained + evaluate.evaluate_brier + generate.generate_text.
-    print("BrierLM and sample continuations: skipped (not wired to calm_jax.evaluate / calm_jax.generate "
-          "yet; use python -m launch.evaluate / launch.generate on the workdirs)")
-  else:
-    for name in ("calm", "transformer"):
-      print(f"{name}: BrierLM {evaluate.brierlm_of_workdir(dirs[name])}")
-      for text in generate.continuations_of_workdir(dirs[name], num=3):
-        print(f"  > {text!r}")
-  print(f"quickstart done in {time.perf_counter() - t0:.0f} s; workdirs under {root}")
+  for name, r in (("CALM", calm), ("Transformer", tf)):
+    if "eval/brierlm" in r:
+      cells = "  ".join(f"Brier-{n} {100 * r[f'eval/brier{n}']:.2f}" for n in range(1, 5))
+      print(f"{name:12s} BrierLM {r['eval/brierlm']:.2f} ± {r['eval/brierlm_se']:.2f}  ({cells})")
+  samples = {}
+  for name in ("calm", "transformer"):
+    print(f"{name} continuations (T={_TEMPERATURE.value:g}):")
+    samples[name] = _continuations(dirs[name], list(_PROMPTS.value))
+  total = time.perf_counter() - t0
+  summary = {"seconds": total, **stamps, "autoencoder": ae, "autoencoder_noise_table": ae_table, "calm": calm,
+             "transformer": tf, "prompts": list(_PROMPTS.value), "samples": samples}
+  with open(os.path.join(root, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1, default=float)
+  print(f"quickstart done in {total:.0f} s; workdirs and summary.json under {root}")
   if ae["eval/token_acc"] < 0.99:
     print(f"WARNING: the autoencoder reached {ae['eval/token_acc']:.2%} < 99% held-out token accuracy")
 
