@@ -10,8 +10,8 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q -e '.[test]'
-# Two workers (XLA's CPU compiler, which dominates the suite's time, is single-threaded); each
+# Serial by default (PYTEST_WORKERS=2 for two workers: unverified, a loaded trial timed out); with
 # test file runs whole on one worker so that module fixtures are built once.  The workers share
 # one persistent XLA compilation cache (see tests/conftest.py).
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$(mktemp -d -t calm_jax_xla_cache_XXXXXX)}"
-exec "$VENV/bin/python" -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"
+exec "$VENV/bin/python" -m pytest -q -n "${PYTEST_WORKERS:-0}" --dist loadfile "$@"
