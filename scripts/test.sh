@@ -10,8 +10,8 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q -e '.[test]'
-# Serial by default (PYTEST_WORKERS=2 for two workers: unverified, a loaded trial timed out); with
-# test file runs whole on one worker so that module fixtures are built once.  The workers share
-# one persistent XLA compilation cache (see tests/conftest.py).
+# Serial by default.  PYTEST_WORKERS=2 runs two workers, each test file whole on one worker so
+# that module fixtures are built once; unverified (a trial on a loaded machine timed out).  All
+# processes share one persistent XLA compilation cache (see tests/conftest.py).
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$(mktemp -d -t calm_jax_xla_cache_XXXXXX)}"
 exec "$VENV/bin/python" -m pytest -q -n "${PYTEST_WORKERS:-0}" --dist loadfile "$@"
