@@ -218,12 +218,14 @@ class Generation(NamedTuple):
   """tokens: per row, the continuation (PAD removed, cut after the first EOS and at
   max_new_tokens); num_tokens: their total; seconds: decode wall time (prefill
   included, compilation excluded); compile_seconds: compilation plus one prefill; capped: per-row count of
-  exact-sampler draws that hit max_attempts."""
+  exact-sampler draws that hit max_attempts; lengths: per row, the positions generated before the
+  cut (sampled PADs included, so ``len(tokens[b]) <= lengths[b]``)."""
   tokens: list
   num_tokens: int
   seconds: float
   compile_seconds: float
   capped: np.ndarray
+  lengths: np.ndarray
 
   @property
   def tokens_per_sec(self) -> float:
@@ -308,7 +310,7 @@ def generate(kind: str, cfg, params, prompts: Sequence[Sequence[int]], key: jax.
   seconds = time.perf_counter() - t0
   tokens = [row[:n][row[:n] != pad_id] for row, n in zip(out, lengths)]
   return Generation(tokens, int(sum(t.size for t in tokens)), seconds, compile_seconds,
-                    np.asarray(state.capped_B))
+                    np.asarray(state.capped_B), lengths)
 
 
 def generate_text(trained, texts: Sequence[str], key: jax.Array, settings: GenerationSettings,

@@ -154,12 +154,13 @@ def test_calm_tempered_sampling_shapes_and_eos(calm_model):
     settings = gen.GenerationSettings(max_new_tokens=7, temperature=0.5, method=method, num_candidates=32)
     out = gen.generate("energy", cfg, params, prompts, key, settings, eos_id=EOS, pad_id=PAD, ae_cfg=ae_cfg,
                        ae_params=ae_params)
-    assert len(out.tokens) == 4 and out.capped.shape == (4,)
-    for t in out.tokens:
-      assert 0 < len(t) <= 7 and np.all((t >= 0) & (t < V)) and PAD not in t
+    assert len(out.tokens) == 4 and out.capped.shape == (4,) and out.lengths.shape == (4,)
+    for t, n in zip(out.tokens, out.lengths):
+      assert len(t) <= n <= 7 and np.all((t >= 0) & (t < V)) and PAD not in t
       assert EOS not in t[:-1]
-      if len(t) < 7 and EOS not in t:  # stopped early only at EOS or at a PAD-only tail
-        raise AssertionError(f"row stopped after {len(t)} tokens without EOS: {t}")
+      # A row stops early only at EOS; sampled PADs are dropped from the tokens, not from lengths.
+      if n < 7 and (len(t) == 0 or t[-1] != EOS):
+        raise AssertionError(f"row stopped after {n} positions without EOS: {t}")
 
 
 def test_forced_eos_stops_rows(calm_model):
