@@ -29,6 +29,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -92,6 +93,27 @@ def save_config_json(workdir: str | os.PathLike, config: Any, name: str = "confi
   return path
 
 
+def _summary_writer_class():
+  """tensorboardX's ``SummaryWriter``, imported without PyTorch.
+
+  tensorboardX imports torch when it is installed (the ``torch`` extra), only to
+  accept torch tensors, which calm_jax never passes; that import costs ~20 s of
+  every run's start-up.  Unless torch is already loaded, it is hidden for the
+  duration of the import (``sys.modules[name] = None`` makes ``import`` raise
+  ImportError, which tensorboardX handles).
+  """
+  if "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter
+  sys.modules["torch"] = None
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
+
+
 class MetricWriter:
   """Appends one JSON object per ``write`` to ``metrics.jsonl`` and scalars to TensorBoard.
 
@@ -113,9 +135,7 @@ class MetricWriter:
     os.makedirs(workdir, exist_ok=True)
     self._file = open(self.path, "a")  # noqa: SIM115 - held open for the run, closed in close()
     if tensorboard:
-      from tensorboardX import SummaryWriter  # heavy import; only where it is used
-
-      self._tb = SummaryWriter(logdir=os.path.join(os.fspath(workdir), "tb"), flush_secs=30)
+      self._tb = _summary_writer_class()(logdir=os.path.join(os.fspath(workdir), "tb"), flush_secs=30)
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     """Write ``metrics`` (host values or arrays) for ``step``; non-scalars go to JSON only."""

@@ -26,6 +26,7 @@ SCRIPT = textwrap.dedent("""
       c.model.backbone.num_hidden_layers = 1
       c.train.update(steps=10, global_batch_size=4, eval_batch_size=4, eval_batches=1, log_every=1,
                      eval_every=1000, checkpoint_every=3)
+      c.eval.brier = False   # the final eval's BrierLM programs would triple each run's compile time
     train.run(c, workdir)
     """)
 
