@@ -21,7 +21,12 @@ device:
                policy (formula below), times the layers and the positions one
                device holds in one micro-batch, plus the model's non-layer
                activations (logits, the energy head's samples) and, under remat,
-               one layer's full activations being recomputed.
+               one layer's full activations being recomputed;
+  backward     the gradients in flight during the backward pass: one layer's
+               full activations plus the non-layer activations, once more;
+  AE encode    (CALM) the frozen encoder's forward over every target token,
+               ``b*(2D + 3F/t)`` per token: transient, but counted (XLA may
+               schedule it while the saved activations are live).
 
 Activation formula (bytes per position per backbone layer; b = compute dtype
 bytes, D width, Dkv = kv_heads * head_dim, F FFN width, H heads, C context
@@ -50,7 +55,10 @@ layers of ``b*(3D + 4F/t)`` per token and its logits ``V/t*(b + 8)`` per token.
 
 Everything is an estimate of what XLA keeps live at the peak; a compiled
 step's ``memory_analysis()`` (:func:`compiled_memory`, possible for small
-models or on the target itself) is the ground truth.  The verdict uses
+models or on the target itself) is the ground truth.  Checked against it on
+8 CPU devices (docs/SHARDING.md): 9% (transformer) and 13% (CALM) below the
+compiled peak of the tiny configs; the autoencoder's estimate is ~45% low
+(its dropout masks and random bits are not modelled).  The verdict uses
 ``usable_fraction`` of the device memory (default 0.9: the runtime, XLA's
 scratch space and fragmentation take the rest).
 """
@@ -58,6 +66,7 @@ scratch space and fragmentation take the rest).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -144,12 +153,17 @@ class Plan:
               f"{self.positions_per_device} backbone positions per device per micro-batch"),
              f"parameters: {self.num_params / 1e6:.1f}M trainable"]
     for name, value in self.rows.items():
-      lines.append(f"  {name:<12} {value / GB:9.2f} GB   {self.notes.get(name, '')}")
-    lines.append(f"  {'total':<12} {self.total / GB:9.2f} GB   of {self.capacity / GB:.1f} GB usable "
+      lines.append(f"  {name:<12} {_size(value)}   {self.notes.get(name, '')}")
+    lines.append(f"  {'total':<12} {_size(self.total)}   of {self.capacity / GB:.1f} GB usable "
                  f"({t.usable_fraction:.0%} of {t.bytes_per_device / GB:.0f} GB)")
     lines.append(f"verdict: {'FITS' if self.fits else 'DOES NOT FIT'} "
                  f"({self.total / self.capacity:.0%} of usable memory)")
     return "\n".join(lines)
+
+
+def _size(n: float) -> str:
+  """Bytes in GB, or in MB below 1 GB (small targets and the CPU-compiled check)."""
+  return f"{n / GB:9.2f} GB" if n >= GB else f"{n / 1e6:9.2f} MB"
 
 
 # --------------------------------------------------------------------------- shapes -> bytes
@@ -164,13 +178,19 @@ def _shard_elems(shape, spec, mesh) -> int:
   return n
 
 
+@functools.lru_cache(maxsize=16)
+def _shapes_and_axes(cfg) -> tuple[list, list]:
+  """Parameter shapes and logical axes of a (frozen, hashable) model config: two traces of the
+  model's init, done once per config (a plan search calls :func:`plan` many times)."""
+  leaves = jax.tree.leaves(models.abstract_params(cfg))
+  specs = jax.tree.leaves(models.logical_axes(cfg), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  return leaves, specs
+
+
 def sharded_elements(cfg, mesh_shape: tuple[int, int, int], rules=None) -> tuple[int, int, int]:
   """``(per-device elements, total elements, largest per-device leaf)`` of a model's parameters."""
   mesh = _MeshShape(*mesh_shape)
-  abstract = models.abstract_params(cfg)
-  logical = models.logical_axes(cfg)
-  leaves = jax.tree.leaves(abstract)
-  specs = jax.tree.leaves(logical, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  leaves, specs = _shapes_and_axes(cfg)
   per_device = [_shard_elems(x.shape, sharding.logical_to_spec(s, mesh, rules, tuple(x.shape)), mesh)
                 for x, s in zip(leaves, specs, strict=True)]
   return sum(per_device), sum(int(np.prod(x.shape)) for x in leaves), max(per_device)
@@ -262,6 +282,16 @@ def plan(kind: str, cfg, target: Target, workload: Workload, ae_cfg: Autoencoder
       notes["non-layer"] = (f"head {head / 1e3:.0f} kB + score {score / 1e3:.0f} kB + compression/position")
     rows["activations"] = acts
     rows["non-layer"] = extra * pos_dev
+    # The backward pass's working set: the gradients of one layer's activations and of the
+    # non-layer activations are live next to everything saved.
+    rows["backward"] = (layer_activation_bytes(bb, "none", positions, tensor, b, target.platform) + extra) * pos_dev
+    notes["backward"] = "gradients in flight: one layer + the non-layer activations"
+    if isinstance(cfg, EnergyConfig):
+      # The frozen encoder's forward over every target token: transient, but XLA may schedule it
+      # while the backbone's saved activations are live (on CPU it does), so it is counted.
+      ab = _DTYPE_BYTES[ae.dtype]
+      rows["AE encode"] = ab * (2 * ae.hidden_size + 3 * ae.intermediate_size / tensor) * tok_dev
+      notes["AE encode"] = f"frozen encoder's forward, {tok_dev} tokens"
   else:  # the autoencoder: MLP-only layers, half per token and half per chunk
     d, f = cfg.hidden_size, cfg.intermediate_size
     layers = (cfg.num_encoder_layers + cfg.num_decoder_layers) / 2 * (1 + 1 / k)
@@ -272,6 +302,8 @@ def plan(kind: str, cfg, target: Target, workload: Workload, ae_cfg: Autoencoder
     notes["activations"] = f"{layers:.1f} MLP-layer units x {tok_dev} tokens"
     rows["non-layer"] = cfg.vocab_size / tensor * (b + 8) * tok_dev
     notes["non-layer"] = "logits per token"
+    rows["backward"] = (b * (3 * d + 4 * f / tensor) + cfg.vocab_size / tensor * (b + 8)) * tok_dev
+    notes["backward"] = "gradients in flight: one MLP layer + the logits"
   return Plan(target, workload, mesh, rows, notes, total, pos_dev)
 
 
@@ -350,10 +382,10 @@ def describe_compiled(stats) -> str:
     return "compiled memory analysis: not available on this backend"
   fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
             "generated_code_size_in_bytes")
-  parts = [f"{f.removesuffix('_size_in_bytes')} {getattr(stats, f, 0) / GB:.3f} GB" for f in fields]
+  parts = [f"{f.removesuffix('_size_in_bytes')} {_size(getattr(stats, f, 0)).strip()}" for f in fields]
   peak = (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
           + stats.temp_size_in_bytes)
-  return "compiled step (per device): " + ", ".join(parts) + f"; peak ~ {peak / GB:.3f} GB"
+  return "compiled step (per device): " + ", ".join(parts) + f"; peak ~ {_size(peak).strip()}"
 
 
 # --------------------------------------------------------------------------- experiments

@@ -11,7 +11,8 @@ The mesh has three axes, any of which may be 1:
 Batches are split over ``data`` x ``fsdp``.  Model code names its axes
 logically (``embed``, ``mlp``, ``heads``, ... see :func:`calm_jax.models.logical_axes`);
 :data:`DEFAULT_RULES` alone maps them to mesh axes, and ``config.sharding_rules``
-overrides entries of it (:func:`rules_from_config`).
+overrides entries of it (:func:`rules_from_config`; :func:`rules_config` gives
+the whole table as config strings).  User guide: docs/SHARDING.md.
 
 Resolution of one array's spec (:func:`logical_to_spec`): each dimension takes
 the mesh axes its logical name maps to, unless a mesh axis is already used by
@@ -148,6 +149,17 @@ def rules_from_config(overrides: Mapping[str, Any] | None = None) -> dict[str, A
       raise ShardingError(f"config.sharding_rules.{name}: unknown mesh axis {bad[0]!r} (known: {AXES})")
     rules[name] = None if not axes else (axes[0] if len(axes) == 1 else tuple(axes))
   return rules
+
+
+def rules_config(rules: Mapping[str, Any] | None = None) -> dict[str, str]:
+  """The rules table as config strings (``'fsdp'``, ``'data,fsdp'``, ``''`` = replicated).
+
+  For ``config.sharding_rules`` in an experiment's skeleton: with every entry
+  present (and a string), each one can be overridden on the command line, e.g.
+  ``--config.sharding_rules.mlp=fsdp,tensor`` (a locked ConfigDict rejects new keys).
+  ``rules_from_config(rules_config())`` is ``DEFAULT_RULES``.
+  """
+  return {name: ",".join(_as_axes(value)) for name, value in dict(DEFAULT_RULES if rules is None else rules).items()}
 
 
 def _as_axes(value) -> tuple[str, ...]:

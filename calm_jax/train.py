@@ -443,6 +443,12 @@ def run(config: Any, workdir: str) -> dict[str, float]:
     raise ConfigError(f"train.global_batch_size: {exp.train.global_batch_size} is not divisible by the "
                       f"{sharding.batch_divisor(mesh)} devices of mesh.data x mesh.fsdp")
   _say(f"{exp.kind} -> {workdir}; {sharding.describe(mesh)}")
+  with jax.set_mesh(mesh):   # the context mesh of every jit below
+    return _train(exp, workdir, mesh, rules)
+
+
+def _train(exp: Experiment, workdir: str, mesh, rules) -> dict[str, float]:
+  """:func:`run` after the config and the mesh are settled, under ``jax.set_mesh(mesh)``."""
 
   manifest = prepare_data(exp)
   tok = check_data(exp, manifest)
@@ -469,14 +475,14 @@ def run(config: Any, workdir: str) -> dict[str, float]:
   _say(f"{'resumed from ' + restored.path if restored.source == 'resume' else 'initialised'} at step "
        f"{start}; {_param_summary(state['params'])}")
 
-  step_fn = trainers.make_train_step(exp.kind, exp.model, exp.optim, tx, ae_cfg=exp.ae_model)
+  step_fn = trainers.make_train_step(exp.kind, exp.model, exp.optim, tx, ae_cfg=exp.ae_model, mesh=mesh)
   rep = sharding.replicated(mesh)
   ae_sh = None if ae_params is None else jax.tree.map(lambda x: x.sharding, ae_params)
   step_jit = jax.jit(step_fn, donate_argnums=(0,),
                      in_shardings=(state_sh, sharding.batch_sharding(mesh), rep, ae_sh),
                      out_shardings=(state_sh, rep))
   eval_fn = jax.jit(trainers.make_eval_step(exp.kind, exp.model, ae_cfg=exp.ae_model, pad_id=tok.pad_id,
-                                            noise_sigma=exp.eval.ae_noise_sigma))
+                                            noise_sigma=exp.eval.ae_noise_sigma, mesh=mesh))
   brier_key = jax.random.fold_in(eval_key, 1 << 20)
 
   def run_eval(params):

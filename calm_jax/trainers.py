@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from calm_jax import models, optim
+from calm_jax import models, optim, sharded_losses
 from calm_jax.autoencoder import Autoencoder
 from calm_jax.configs import AutoencoderConfig
 
@@ -53,13 +53,20 @@ def init_state(cfg, tx: optax.GradientTransformation, key) -> State:
   return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
 
-def loss_fn(kind: str, cfg, ae_cfg: AutoencoderConfig | None = None) -> Callable:
-  """``f(params, tokens_BxT, key, ae_params) -> (loss, metrics)`` for a kind (training mode)."""
+def loss_fn(kind: str, cfg, ae_cfg: AutoencoderConfig | None = None, mesh=None) -> Callable:
+  """``f(params, tokens_BxT, key, ae_params) -> (loss, metrics)`` for a kind (training mode).
+
+  With a ``mesh``, CALM's energy loss draws and compares its samples per device
+  under ``jax.shard_map`` (:func:`calm_jax.sharded_losses.sharded_energy_loss_fn`).
+  """
   if kind == "autoencoder":
     return lambda p, tokens, key, ae_params: models.autoencoder_loss_fn(cfg, p, tokens, key, train=True)
   if kind == "energy":
     if ae_cfg is None:
       raise ValueError("loss_fn: kind 'energy' needs the autoencoder's config")
+    if mesh is not None:
+      sharded = sharded_losses.sharded_energy_loss_fn(cfg, ae_cfg, mesh)
+      return lambda p, tokens, key, ae_params: sharded(p, ae_params, tokens, key)
     return lambda p, tokens, key, ae_params: models.energy_loss_fn(cfg, ae_cfg, p, ae_params, tokens, key)
   if kind == "transformer":
     return lambda p, tokens, key, ae_params: models.transformer_loss_fn(cfg, p, tokens)
@@ -67,13 +74,14 @@ def loss_fn(kind: str, cfg, ae_cfg: AutoencoderConfig | None = None) -> Callable
 
 
 def make_train_step(kind: str, cfg, optim_cfg: optim.OptimConfig, tx: optax.GradientTransformation, *,
-                    ae_cfg: AutoencoderConfig | None = None) -> Callable:
+                    ae_cfg: AutoencoderConfig | None = None, mesh=None) -> Callable:
   """The pure step of ``kind``: ``(state, batch, base_key, ae_params=None) -> (state, metrics)``.
 
   ``batch['tokens']`` is the whole global batch of the step (int32 [B, T]);
-  it is split into ``optim_cfg.grad_accum_steps`` micro-batches.
+  it is split into ``optim_cfg.grad_accum_steps`` micro-batches.  ``mesh``: the
+  device mesh the step is jitted for (see :func:`loss_fn`).
   """
-  f = loss_fn(kind, cfg, ae_cfg)
+  f = loss_fn(kind, cfg, ae_cfg, mesh)
   schedule = optim.make_schedule(optim_cfg)
   num_micro = optim_cfg.grad_accum_steps
 
@@ -145,14 +153,22 @@ def autoencoder_eval_step(cfg: AutoencoderConfig, pad_id: int, noise_sigma: floa
   return eval_step
 
 
-def energy_eval_step(cfg, ae_cfg: AutoencoderConfig) -> Callable:
-  """CALM's held-out energy loss (the training objective, without dropout of any kind)."""
+def energy_eval_step(cfg, ae_cfg: AutoencoderConfig, mesh=None) -> Callable:
+  """CALM's held-out energy loss (the training objective, without dropout of any kind).
+
+  With a ``mesh`` the samples are drawn per device, as in training (:func:`loss_fn`).
+  """
+  if mesh is not None:
+    sharded = sharded_losses.sharded_energy_loss_fn(cfg, ae_cfg, mesh)
+    energy = lambda p, a, tokens, key, mask: sharded(p, a, tokens, key, mask)
+  else:
+    energy = lambda p, a, tokens, key, mask: models.energy_loss_fn(cfg, ae_cfg, p, a, tokens, key, mask)
 
   def eval_step(params, batch, key, ae_params=None):
     tokens_BxT = batch["tokens"]
     b, t = tokens_BxT.shape
     mask_BxT = jnp.broadcast_to(batch["row_mask"][:, None], (b, t))
-    loss, _ = models.energy_loss_fn(cfg, ae_cfg, params, ae_params, tokens_BxT, key, mask_BxT)
+    loss, _ = energy(params, ae_params, tokens_BxT, key, mask_BxT)
     # energy_loss_fn averages over the predicted chunks 1..S-1 of the real rows.
     count = jnp.sum(batch["row_mask"].astype(jnp.float32)) * (t // cfg.patch_size - 1)
     return {"energy_loss": (loss * count, count)}
@@ -176,12 +192,12 @@ def transformer_eval_step(cfg) -> Callable:
 
 
 def make_eval_step(kind: str, cfg, *, ae_cfg: AutoencoderConfig | None = None, pad_id: int = -1,
-                   noise_sigma: float = 0.3) -> Callable:
+                   noise_sigma: float = 0.3, mesh=None) -> Callable:
   """``eval_step(params, batch, key, ae_params=None) -> {name: (sum, count)}`` for a kind."""
   if kind == "autoencoder":
     return autoencoder_eval_step(cfg, pad_id, noise_sigma)
   if kind == "energy":
-    return energy_eval_step(cfg, ae_cfg)
+    return energy_eval_step(cfg, ae_cfg, mesh)
   if kind == "transformer":
     return transformer_eval_step(cfg)
   raise ValueError(f"kind must be one of {models.KINDS}, got {kind!r}")

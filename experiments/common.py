@@ -11,7 +11,7 @@ shared contract read by :func:`calm_jax.train.resolve`)::
   optim         ``calm_jax.optim.OptimConfig`` fields
   train         steps, batch, seed and the cadence of logs, evals and checkpoints
   mesh          data / fsdp / tensor device counts (-1: all remaining devices)
-  sharding_rules  optional overrides of the logical-axis rules: name -> 'axis' or 'a,b'
+  sharding_rules  the logical-axis rules table, every entry overridable: name -> 'axis', 'a,b' or ''
   eval          held-out evaluation settings
 
 Fields that may legitimately be unset are ``placeholder``s, so that a
@@ -25,6 +25,7 @@ import dataclasses
 import ml_collections
 from ml_collections import config_dict
 
+from calm_jax import sharding
 from calm_jax.optim import OptimConfig
 
 # Llama-3's 128,256 tokens plus the [PAD] the reference adds (CALM_NOTES §1.1).
@@ -97,7 +98,9 @@ def skeleton(kind: str, model: dict, *, block_length: int, mode: str, steps: int
   c.train.eval_batch_size = global_batch_size
 
   c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
-  c.sharding_rules = ml_collections.ConfigDict()
+  # The whole table (calm_jax.sharding.DEFAULT_RULES as strings), so that any entry can be
+  # overridden from the command line, e.g. --config.sharding_rules.mlp=fsdp,tensor.
+  c.sharding_rules = ml_collections.ConfigDict(sharding.rules_config())
 
   c.eval = ml_collections.ConfigDict()
   c.eval.ae_noise_sigma = 0.3          # sigma of the Gaussian added to the latent (CALM_NOTES §1.4)
