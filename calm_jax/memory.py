@@ -180,8 +180,8 @@ def _shard_elems(shape, spec, mesh) -> int:
 
 @functools.lru_cache(maxsize=16)
 def _shapes_and_axes(cfg) -> tuple[list, list]:
-  """Parameter shapes and logical axes of a (frozen, hashable) model config: two traces of the
-  model's init, done once per config (a plan search calls :func:`plan` many times)."""
+  """Parameter shapes and logical axes of a (frozen, hashable) model config, flattened once per
+  config (a plan search calls :func:`plan` many times)."""
   leaves = jax.tree.leaves(models.abstract_params(cfg))
   specs = jax.tree.leaves(models.logical_axes(cfg), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   return leaves, specs

@@ -63,15 +63,22 @@ def init_params(cfg, key) -> Params:
   return nn.unbox(_boxed_init(cfg, key))
 
 
+@functools.lru_cache(maxsize=32)
+def _abstract_boxed(cfg):
+  """The boxed abstract init of a (frozen, hashable) config: one trace of the model's init per
+  config and process, shared by :func:`abstract_params` and :func:`logical_axes` (a training run
+  asks for them several times; each trace is seconds in a long-lived process)."""
+  return jax.eval_shape(lambda k: _boxed_init(cfg, k), jax.random.key(0))
+
+
 def abstract_params(cfg) -> Params:
-  """Shapes and dtypes of the parameters without allocating them."""
-  return nn.unbox(jax.eval_shape(lambda k: _boxed_init(cfg, k), jax.random.key(0)))
+  """Shapes and dtypes of the parameters without allocating them (a fresh tree on each call)."""
+  return nn.unbox(_abstract_boxed(cfg))
 
 
 def logical_axes(cfg) -> Params:
   """A pytree like the parameters whose leaves are tuples of logical axis names."""
-  boxed = jax.eval_shape(lambda k: _boxed_init(cfg, k), jax.random.key(0))
-  return nn.get_partition_spec(boxed)
+  return nn.get_partition_spec(_abstract_boxed(cfg))
 
 
 def count_params(params) -> int:
