@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 import pytest
-import tokenizers
+from test_data_pipeline import _word_tokenizer  # tests/ is on sys.path under pytest
 
 from calm_jax import data
 from calm_jax.data import sources
@@ -36,16 +36,11 @@ def _free_port() -> int:
 
 def _prepare(root) -> str:
   """NUM_BLOCKS random blocks of T tokens under a WordLevel tokenizer (no tokenizer training)."""
-  vocab = {"<eos>": 0, **{f"w{i}": i for i in range(1, WORDS)}}
-  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<eos>"))
-  tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-  tok.save(os.path.join(root, "tokenizer.json"))
-  with open(os.path.join(root, "special_tokens_map.json"), "w") as f:
-    json.dump({"eos_token": "<eos>"}, f)
+  tok = _word_tokenizer(root, WORDS)
   rng = np.random.default_rng(0)
   docs = [rng.integers(1, WORDS, T, dtype=np.int32) for _ in range(NUM_BLOCKS)]
   out = os.path.join(root, "blocks")
-  data.prepare(sources.ListSource(docs), out, data.load_tokenizer(str(root)), T, 4, "lm", append_eos=False,
+  data.prepare(sources.ListSource(docs), out, tok, T, 4, "lm", append_eos=False,
                valid_source_spec=sources.ListSource(docs[:8]), progress=False)
   return out
 
