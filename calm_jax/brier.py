@@ -306,6 +306,12 @@ class BrierAccumulator:
     self._sums.append(np.sum(np.where(valid[..., None], values, 0.0), axis=1))
     self._counts.append(valid.sum(axis=1).astype(np.float64))
 
+  def update_rows(self, sums_Bx4, counts_B) -> None:
+    """Adds rows already summed over their positions (``counts_B`` valid positions each;
+    0 drops a row), as the per-device BrierLM functions return them."""
+    self._sums.append(np.asarray(sums_Bx4, np.float64)[:, :MAX_N])
+    self._counts.append(np.asarray(counts_B, np.float64))
+
   def result(self) -> dict[str, float]:
     """brier1..4, brierlm, their `_se`, num_rows and num_positions."""
     if not self._sums:

@@ -40,12 +40,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from calm_jax import brier
+from calm_jax import brier, sharded_losses
 from calm_jax.autoencoder import Autoencoder
 from calm_jax.backbone import init_cache
 from calm_jax.configs import dtype_of
 from calm_jax.energy import EnergyModel, sample_noise
 from calm_jax.generate import row_noise
+from calm_jax.sharding import BATCH_AXES, batch_divisor, put_batch
 from calm_jax.transformer import TransformerLM
 
 ESTIMATORS = ("lowvar", "plain", "both")
@@ -258,6 +259,61 @@ def _brier_fn(kind, cfg, ae_cfg, settings: BrierSettings):
   raise ValueError(f"BrierLM needs an 'energy' or 'transformer' model; got kind={kind!r}.")
 
 
+@functools.lru_cache(maxsize=8)
+def _per_device_brier_fn(kind, cfg, ae_cfg, settings: BrierSettings, mesh):
+  """BrierLM sampling per device: ``fn(params, ae_params, tokens_BxT, row_mask_B, key)
+  -> {estimator: (sums_Bx4, counts_B)}``, replicated (B x 4 numbers leave the devices).
+
+  CALM with K >= 4: the backbone under the rules table's shardings, the two head
+  samples, their decoding and comparison under ``jax.shard_map`` where each
+  row's hidden states live, noise per global row (the result does not depend on
+  the mesh).  K < 4 and the baseline: the whole teacher-forced pass and the
+  rollouts of a device's rows run on that device (parameters gathered over the
+  batch axes, ``tensor`` left automatic), with the key folded with the device's
+  batch-shard index, so draws differ between meshes but not in distribution.
+  """
+  if kind == "energy" and cfg.patch_size >= brier.MAX_N:
+    rows_fn = sharded_losses.sharded_calm_brier_rows_fn(cfg, ae_cfg, mesh)
+    per_row = lambda t: t // cfg.patch_size - 1
+
+    def fn(params, ae_params, tokens_BxT, row_mask_B, key):
+      counts = row_mask_B.astype(jnp.float32) * per_row(tokens_BxT.shape[1])
+      return {"brier": (rows_fn(params, ae_params, tokens_BxT, key), counts)}
+  else:
+    if kind == "energy":
+      block = lambda p, ap, tok, key: {"brier": calm_brier_block(cfg, ae_cfg, p, ap, tok, key, settings)}
+    elif kind == "transformer":
+      block = lambda p, ap, tok, key: ar_brier_block(cfg, p, tok, key, settings)
+    else:
+      raise ValueError(f"BrierLM needs an 'energy' or 'transformer' model; got kind={kind!r}.")
+
+    def per_device(params, ae_params, tokens_BxT, key):
+      key = jax.random.fold_in(key, jax.lax.axis_index(BATCH_AXES))
+      out = block(params, ae_params, tokens_BxT, key)                 # {name: [B_loc, P, 4]}
+      return {name: (jnp.sum(v, axis=1), jnp.full(v.shape[:1], v.shape[1], jnp.float32))
+              for name, v in out.items()}
+
+    spec = jax.sharding.PartitionSpec(BATCH_AXES)
+    rep_spec = jax.sharding.PartitionSpec()
+    mapped = jax.shard_map(per_device, mesh=mesh, axis_names=frozenset(BATCH_AXES),
+                           in_specs=(rep_spec, rep_spec, spec, rep_spec), out_specs=spec)
+
+    def fn(params, ae_params, tokens_BxT, row_mask_B, key):
+      out = mapped(params, ae_params, tokens_BxT, key)
+      return {name: (sums, counts * row_mask_B.astype(jnp.float32)) for name, (sums, counts) in out.items()}
+
+  return jax.jit(fn, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
+def _pad_rows(tokens_BxT: np.ndarray, row_mask_B: np.ndarray, multiple: int):
+  """Pads a batch with masked rows to a multiple of ``multiple`` rows."""
+  pad = -tokens_BxT.shape[0] % multiple
+  if not pad:
+    return tokens_BxT, row_mask_B
+  return (np.concatenate([tokens_BxT, np.repeat(tokens_BxT[-1:], pad, axis=0)]),
+          np.concatenate([row_mask_B, np.zeros(pad, bool)]))
+
+
 def check_block_length(kind: str, cfg, block_length: int) -> None:
   """A block must hold more chunks than one 4-token n-gram spans (and whole chunks for CALM)."""
   k = cfg.patch_size if kind == "energy" else 1
@@ -268,8 +324,14 @@ def check_block_length(kind: str, cfg, block_length: int) -> None:
 
 def evaluate_brier(kind: str, cfg, params, batches: Iterable[dict], key: jax.Array, *, ae_cfg=None,
                    ae_params=None, settings: BrierSettings = BrierSettings(), num_batches: int | None = None,
-                   progress: bool = True) -> dict[str, Any]:
+                   progress: bool = True, mesh=None) -> dict[str, Any]:
   """BrierLM over eval batches ``{'tokens': [B, T], 'row_mask': [B] (optional)}``.
+
+  With ``mesh``, each batch is split over the mesh's batch axes and sampled per
+  device (:func:`_per_device_brier_fn`); a multi-process run passes each
+  process's own rows, and every process gets the same result.  Parameters may be
+  sharded by the rules table.  Single-process batches are padded with masked
+  rows to a multiple of data x fsdp.
 
   Returns ``brier1..4``, ``brierlm``, their ``_se`` (jackknife over blocks; see
   ``brier.BrierAccumulator``), ``num_rows``, ``num_positions``, ``block_length``;
@@ -277,7 +339,8 @@ def evaluate_brier(kind: str, cfg, params, batches: Iterable[dict], key: jax.Arr
   and the 'plain' ones under ``"plain"``.
   """
   settings.validate()
-  fn = _brier_fn(kind, cfg, ae_cfg, settings)
+  fn = _brier_fn(kind, cfg, ae_cfg, settings) if mesh is None else \
+      _per_device_brier_fn(kind, cfg, ae_cfg, settings, mesh)
   accs: dict[str, brier.BrierAccumulator] = {}
   block_length = None
   bar = None
@@ -291,11 +354,21 @@ def evaluate_brier(kind: str, cfg, params, batches: Iterable[dict], key: jax.Arr
     if block_length is None:
       block_length = tokens.shape[1]
       check_block_length(kind, cfg, block_length)
-    out = jax.device_get(fn(params, ae_params, jnp.asarray(tokens), jax.random.fold_in(key, i)))
     row_mask = np.asarray(batch.get("row_mask", np.ones(tokens.shape[0], bool)), bool)
-    for name, values in out.items():
-      accs.setdefault(name, brier.BrierAccumulator()).update(
-          values, np.broadcast_to(row_mask[:, None], values.shape[:2]))
+    key_i = jax.random.fold_in(key, i)
+    if mesh is None:
+      out = jax.device_get(fn(params, ae_params, jnp.asarray(tokens), key_i))
+      for name, values in out.items():
+        accs.setdefault(name, brier.BrierAccumulator()).update(
+            values, np.broadcast_to(row_mask[:, None], values.shape[:2]))
+    else:
+      if jax.process_count() == 1:
+        tokens, row_mask = _pad_rows(tokens, row_mask, batch_divisor(mesh))
+      placed = put_batch(mesh, {"tokens": tokens, "row_mask": row_mask})
+      with jax.set_mesh(mesh):
+        out = jax.device_get(fn(params, ae_params, placed["tokens"], placed["row_mask"], key_i))
+      for name, (sums, counts) in out.items():
+        accs.setdefault(name, brier.BrierAccumulator()).update_rows(sums, counts)
     if bar is not None:
       bar.update(1)
       first = accs[next(iter(accs))]

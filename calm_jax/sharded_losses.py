@@ -156,21 +156,23 @@ def sharded_head_samples_fn(cfg: EnergyConfig, mesh, num_samples: int = 2):
                        in_specs=(P(), spec, P()), out_specs=P(None, BATCH_AXES))
 
 
-def sharded_calm_brier_fn(cfg: EnergyConfig, ae_cfg: AutoencoderConfig, mesh):
-  """Teacher-forced two-sample Brier-1..4 sums for CALM with K >= 4 (the reference's ``eval_brier``).
+def sharded_calm_brier_rows_fn(cfg: EnergyConfig, ae_cfg: AutoencoderConfig, mesh):
+  """Teacher-forced two-sample Brier-1..4 of CALM with K >= 4 (the reference's ``eval_brier``), per row.
 
-  Returns ``fn(params, ae_params, tokens_BxT, key) -> (brier_sum_4, count)``:
-  at every chunk position after the first, two head samples are drawn per
-  device (:func:`sharded_head_samples_fn`), decoded by the frozen autoencoder
-  and argmaxed where they live; only the per-n sums and the position count are
-  reduced across devices.  ``brier_sum_4 / count`` are Brier-1..4 of the batch
-  (feed :func:`calm_jax.brier.brierlm`).  K < 4 needs an autoregressive rollout
-  (``brier.calm_rollout_token_same``) and is not covered here.
+  Returns ``fn(params, ae_params, tokens_BxT, key) -> sums_Bx4``: each row's sum
+  over its S - 1 predicted chunk positions (divide by S - 1, or feed
+  :meth:`calm_jax.brier.BrierAccumulator.update_rows`).  At every chunk
+  position two head samples are drawn on the device that holds the position's
+  hidden state (:func:`sharded_head_samples_fn`, noise per global row), decoded
+  by the frozen autoencoder and argmaxed there; only the per-row sums leave
+  the device (the output is sharded over the batch).  The backbone runs
+  outside the shard_map under the rules table's parameter shardings.  K < 4
+  needs an autoregressive rollout (``calm_jax.evaluate``) and is refused here.
   """
   k = cfg.patch_size
   if k < brier.MAX_N:
-    raise ValueError(f"sharded_calm_brier_fn: model.patch_size={k} < {brier.MAX_N} needs a rollout "
-                     "(calm_jax.brier.calm_rollout_token_same)")
+    raise ValueError(f"sharded_calm_brier_rows_fn: model.patch_size={k} < {brier.MAX_N} needs a rollout "
+                     "(calm_jax.evaluate.evaluate_brier)")
   sample = sharded_head_samples_fn(cfg, mesh, 2)
   spec = P(BATCH_AXES)
 
@@ -179,17 +181,16 @@ def sharded_calm_brier_fn(cfg: EnergyConfig, ae_cfg: AutoencoderConfig, mesh):
     logits = Autoencoder(ae_cfg).apply({"params": ae_params}, z_2xBxSxL.reshape(2 * b_loc, s, -1),
                                        method="decode")
     preds = jnp.argmax(logits, -1).reshape(2, b_loc, s, k)
-    per_pos = brier.two_sample_brier(preds[0], preds[1], target_BxSxK)      # B x S x 4
-    return (jax.lax.psum(jnp.sum(per_pos, axis=(0, 1)), BATCH_AXES),
-            jax.lax.psum(jnp.float32(b_loc * s), BATCH_AXES))
+    return jnp.sum(brier.two_sample_brier(preds[0], preds[1], target_BxSxK), axis=1)   # B_loc x 4
 
-  reduce = jax.shard_map(per_device, mesh=mesh, axis_names=_manual_axes(mesh),
-                         in_specs=(P(), P(None, BATCH_AXES), spec), out_specs=(P(), P()))
+  rows = jax.shard_map(per_device, mesh=mesh, axis_names=_manual_axes(mesh),
+                       in_specs=(P(), P(None, BATCH_AXES), spec), out_specs=spec)
 
   def fn(params, ae_params, tokens_BxT, key):
     b, t = tokens_BxT.shape
     h_BxSxD, _ = EnergyModel(cfg).apply({"params": params}, tokens_BxT[:, :-k], method="hidden")
     z = sample(params["generative_head"], h_BxSxD, key)
-    return reduce(ae_params, z, tokens_BxT[:, k:].reshape(b, t // k - 1, k))
+    return rows(ae_params, z, tokens_BxT[:, k:].reshape(b, t // k - 1, k))
 
   return fn
+

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -369,14 +370,23 @@ def evaluate(exp: Experiment, eval_fn, params, ae_params, mesh, key, pad_id: int
   return trainers.finish_eval(jax.device_get(sums))
 
 
-def evaluate_brierlm(exp: Experiment, params, ae_params, key) -> dict[str, float]:
-  """BrierLM (x100) and Brier-1..4 on ``eval.num_blocks`` held-out pieces of ``eval.block_length``."""
+def evaluate_brierlm(exp: Experiment, params, ae_params, key, mesh=None) -> dict[str, float]:
+  """BrierLM (x100) and Brier-1..4 on ``eval.num_blocks`` held-out pieces of ``eval.block_length``.
+
+  With ``mesh`` the samples are drawn per device (``evaluate.evaluate_brier``);
+  a batch then holds a multiple of data x fsdp pieces and of the process count
+  in source blocks.
+  """
   import numpy as np  # pylint: disable=import-outside-toplevel
 
   from calm_jax import evaluate as evaluate_lib  # pylint: disable=import-outside-toplevel
 
   pieces = exp.data.block_length // exp.eval.block_length
   rows = max(1, -(-exp.train.eval_batch_size // pieces))   # source blocks per batch
+  if mesh is not None:
+    div = sharding.batch_divisor(mesh)
+    step = math.lcm(div // math.gcd(div, pieces), jax.process_count())
+    rows = -(-rows // step) * step
   it = data_lib.make_eval_iterator(exp.data.dir, "valid", rows)
 
   def batches():
@@ -388,7 +398,7 @@ def evaluate_brierlm(exp: Experiment, params, ae_params, key) -> dict[str, float
   per_batch = rows * pieces
   r = evaluate_lib.evaluate_brier(exp.kind, exp.model, params, batches(), key, ae_cfg=exp.ae_model,
                                   ae_params=ae_params, num_batches=-(-exp.eval.num_blocks // per_batch),
-                                  progress=False)
+                                  progress=False, mesh=mesh)
   out = {f"eval/brier{n}": float(r[f"brier{n}"]) for n in range(1, 5)}
   out["eval/brierlm"] = float(r["brierlm"])
   out["eval/brierlm_se"] = float(r["brierlm_se"])
@@ -488,7 +498,7 @@ def _train(exp: Experiment, workdir: str, mesh, rules) -> dict[str, float]:
   def run_eval(params):
     out = evaluate(exp, eval_fn, params, ae_params, mesh, eval_key, tok.pad_id)
     if exp.eval.brier:
-      out.update(evaluate_brierlm(exp, params, ae_params, brier_key))
+      out.update(evaluate_brierlm(exp, params, ae_params, brier_key, mesh))
     return out
 
   total = exp.train.steps

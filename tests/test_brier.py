@@ -251,3 +251,18 @@ def test_accumulator_masks_and_jackknife():
   lm = 100 * np.prod(loo, axis=1) ** 0.25
   se_lm = np.sqrt(5 / 6 * np.sum((lm - lm.mean()) ** 2))
   assert out["brierlm_se"] == pytest.approx(se_lm)
+
+
+def test_accumulator_rows_equal_positions():
+  # The per-device BrierLM path hands over each row's sums; the result must be what the
+  # per-position values give (means, jackknife errors, counts), dropped rows included.
+  rng = np.random.default_rng(fresh_seed())
+  values = rng.uniform(-0.2, 1.0, (5, 7, 4))
+  row_mask = np.array([True, True, False, True, True])
+  by_pos, by_row = brier.BrierAccumulator(), brier.BrierAccumulator()
+  by_pos.update(values, np.broadcast_to(row_mask[:, None], (5, 7)))
+  by_row.update_rows(values.sum(1), row_mask * 7.0)
+  a, b = by_pos.result(), by_row.result()
+  assert a.keys() == b.keys() and b["num_rows"] == 4 and b["num_positions"] == 28
+  for name in a:
+    assert b[name] == pytest.approx(a[name], rel=1e-12), name

@@ -86,6 +86,12 @@ def test_two_processes_match_one(tmp_path):
   # Restored state + iterator positions (saved by both processes) redo step 3 exactly.
   assert multi["redo_loss"] == pytest.approx(multi["losses"][2], rel=1e-6)
   assert single["redo_loss"] == pytest.approx(single["losses"][2], rel=1e-6)
+  # BrierLM over both processes' held-out rows: all 8 blocks x 12 positions counted once; Brier-1
+  # (no sampling in the 'lowvar' form) equals the single process's, Brier-2..4 are valid draws.
+  assert multi["brier"]["num_rows"] == single["brier"]["num_rows"] == 8
+  assert multi["brier"]["num_positions"] == 8 * (T - 4)
+  assert multi["brier"]["brier1"] == pytest.approx(single["brier"]["brier1"], rel=1e-5)
+  assert all(-1.0 <= multi["brier"][f"brier{n}"] <= 2.0 for n in (2, 3, 4))
   # Process 0 alone wrote the metrics: one row per step, not two.
   rows = [json.loads(line) for line in (multi_dir / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows] == [1, 2, 3]

@@ -14,7 +14,9 @@ global batch (``data.make_train_iterator`` with this process's index) and
 ``metrics.MetricWriter`` on every process (only process 0 may write).  After
 step 2 every process takes part in an orbax save of the state and its own grain
 iterator position; at the end they restore it and redo step 3, which must give
-the same loss.  Process 0 prints ``RESULT {"losses", "redo_loss", "param_sum"}``.
+the same loss.  Then BrierLM of the trained model on the held-out split, each
+process feeding its own rows (``evaluate.evaluate_brier`` with the mesh).
+Process 0 prints ``RESULT {"losses", "redo_loss", "param_sum", "brier"}``.
 """
 
 import os
@@ -36,7 +38,7 @@ else:
 
 import jax
 
-from calm_jax import checkpoint, data, metrics, optim, sharding, trainers
+from calm_jax import checkpoint, data, evaluate, metrics, optim, sharding, trainers
 
 STEPS, BATCH = 3, 8
 
@@ -77,8 +79,13 @@ def main():
     assert restored.step == 2
     _, m = step(restored.state, sharding.put_batch(mesh, {"tokens": next(it)["tokens"]}), key, None)
     redo = float(m["train/loss"])
+  # BrierLM with the mesh: each process feeds its own held-out rows, samples run per device,
+  # and every process gets the global result.
+  brier = evaluate.evaluate_brier("transformer", cfg, state["params"], data.make_eval_iterator(DATA_DIR, "valid", 4),
+                                  jax.random.key(2), progress=False, mesh=mesh)
   if jax.process_index() == 0:
-    emit({"losses": losses, "redo_loss": redo, "param_sum": param_sum})
+    emit({"losses": losses, "redo_loss": redo, "param_sum": param_sum,
+          "brier": {x: brier[x] for x in ("brier1", "brier2", "brier3", "brier4", "num_rows", "num_positions")}})
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ gradients in its state followed by SGD, so the gradients of the real step are
 compared, not those of a copy of its loss.  On the meshes marked ``+`` a
 second program runs CALM's held-out loss with 3 padding rows
 (``trainers.make_eval_step``: masks must be counted over the global batch, not
-per device) and BrierLM's per-device sampling (one compile each: kept to two meshes).
+per device), and ``evaluate.evaluate_brier`` with the mesh runs BrierLM's
+per-device sampling for CALM (K = 4) and the baseline (one compile each: kept
+to two meshes).
 
 Writes each mesh's gradients to ``OUT_DIR/<mesh>.npz`` and prints
 ``RESULT {json}`` with each mesh's losses, eval sums, BrierLM sums and
@@ -38,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from calm_jax import optim, sharded_losses, sharding, trainers
+from calm_jax import evaluate, optim, sharded_losses, sharding, trainers
 
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
 KINDS = ("autoencoder", "energy", "transformer")
@@ -81,10 +83,14 @@ def main(out_dir: str, mesh_names: list[str], restore: bool):
       steps[k] = jax.jit(fn, donate_argnums=(0,), out_shardings=(sh[k], rep),
                          in_shardings=(sh[k], sharding.batch_sharding(mesh), rep, ae_sh if k == "energy" else None))
     eval_step = trainers.make_eval_step("energy", e_cfg, ae_cfg=ae_cfg, mesh=mesh)
-    brier = sharded_losses.sharded_calm_brier_fn(e_cfg, ae_cfg, mesh)
-    extras = jax.jit(lambda p, a, batch, k: {"eval": eval_step(p, batch, k, a)["energy_loss"],
-                                             "brier": brier(p, a, batch["tokens"], k)})
+    extras = jax.jit(lambda p, a, batch, k: {"eval": eval_step(p, batch, k, a)["energy_loss"]})
     return sh, steps, extras
+
+  def brierlm(mesh, kind, params_, ae):
+    """evaluate.evaluate_brier with the mesh: BrierLM's sampling per device, as training runs it."""
+    r = evaluate.evaluate_brier(kind, cfgs[kind], params_, [eval_batch], key, ae_cfg=ae_cfg, ae_params=ae,
+                                progress=False, mesh=mesh)
+    return {x: r[x] for x in ("brier1", "brier2", "brier3", "brier4", "num_positions", "num_rows")}
 
   def place(mesh, sh, kind, state=None):
     return sharding.shard_like(states[kind] if state is None else state, sh[kind])
@@ -104,7 +110,9 @@ def main(out_dir: str, mesh_names: list[str], restore: bool):
       if with_extras:
         ex = extras(place(mesh, sh, "energy")["params"], ae, sharding.put_batch(mesh, eval_batch), key)
         out["eval"] = [float(x) for x in ex["eval"]]
-        out["brier"] = [np.asarray(ex["brier"][0]).tolist(), float(ex["brier"][1])]
+        out["brier"] = {"energy": brierlm(mesh, "energy", place(mesh, sh, "energy")["params"], ae),
+                        "transformer": brierlm(mesh, "transformer", place(mesh, sh, "transformer")["params"],
+                                               None)}
     out["specs"] = sorted({str(x.sharding.spec) for x in jax.tree.leaves(place(mesh, sh, "transformer")["params"])})
     return out, (sh, steps, ae)
 
