@@ -44,7 +44,7 @@ from calm_jax import brier, sharded_losses
 from calm_jax.autoencoder import Autoencoder
 from calm_jax.backbone import init_cache
 from calm_jax.configs import dtype_of
-from calm_jax.energy import EnergyModel, sample_noise
+from calm_jax.energy import EnergyModel
 from calm_jax.generate import row_noise
 from calm_jax.sharding import BATCH_AXES, batch_divisor, put_batch
 from calm_jax.transformer import TransformerLM
@@ -123,7 +123,9 @@ def calm_teacher_forced(cfg, ae_cfg, params, ae_params, tokens_BxT, key, capacit
   model = EnergyModel(cfg)
   cache = init_cache(cfg.backbone, b, capacity) if capacity else None
   h_BxSxD, cache = model.apply({"params": params}, tokens_BxT[:, :-k], None, cache, method="hidden")
-  noise_2xBxSxE = sample_noise(key, (2, b, s), cfg.noise_size)
+  # Noise per row (row r from fold_in(key, r)), as the per-device path draws it: the same
+  # numbers with or without a mesh.
+  noise_2xBxSxE = sharded_losses.row_noise(cfg, key, jnp.arange(b), s, 2)
   z = model.apply({"params": params}, h_BxSxD[None], noise_2xBxSxE, method="head")
   preds = jnp.argmax(Autoencoder(ae_cfg).apply({"params": ae_params}, z, method="decode"), -1)
   return preds[0], preds[1], tokens_BxT[:, k:].reshape(b, s, k), cache
@@ -267,7 +269,7 @@ def _per_device_brier_fn(kind, cfg, ae_cfg, settings: BrierSettings, mesh):
   CALM with K >= 4: the backbone under the rules table's shardings, the two head
   samples, their decoding and comparison under ``jax.shard_map`` where each
   row's hidden states live, noise per global row (the result does not depend on
-  the mesh).  K < 4 and the baseline: the whole teacher-forced pass and the
+  the mesh, and equals the unsharded path's).  K < 4 and the baseline: the whole teacher-forced pass and the
   rollouts of a device's rows run on that device (parameters gathered over the
   batch axes, ``tensor`` left automatic), with the key folded with the device's
   batch-shard index, so draws differ between meshes but not in distribution.
@@ -278,7 +280,8 @@ def _per_device_brier_fn(kind, cfg, ae_cfg, settings: BrierSettings, mesh):
 
     def fn(params, ae_params, tokens_BxT, row_mask_B, key):
       counts = row_mask_B.astype(jnp.float32) * per_row(tokens_BxT.shape[1])
-      return {"brier": (rows_fn(params, ae_params, tokens_BxT, key), counts)}
+      key_tf = jax.random.split(key)[0]    # calm_brier_block's teacher-forcing key: same draws
+      return {"brier": (rows_fn(params, ae_params, tokens_BxT, key_tf), counts)}
   else:
     if kind == "energy":
       block = lambda p, ap, tok, key: {"brier": calm_brier_block(cfg, ae_cfg, p, ap, tok, key, settings)}

@@ -15,7 +15,8 @@ tokenizer into a temporary prepared directory first.  --block_length defaults
 to config.eval.block_length (reference: 8192 tokens for CALM, 2048 for the
 baseline); the value used is written into the result.  Results are printed and
 written as JSON (default ``<workdir>/eval/<name>_step<step>.json``); the
-autoencoder's also as a PNG plot.
+autoencoder's also as a PNG plot.  With several devices, BrierLM's batches are
+split over them (``--devices``) and sampled per device.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ _NUM_BLOCKS = flags.DEFINE_integer("num_blocks", 0, "Evaluate at most this many 
 _ESTIMATOR = flags.DEFINE_enum("estimator", "both", ["lowvar", "plain", "both"], "Baseline estimator(s).")
 _ROLLOUT_ROWS = flags.DEFINE_integer("rollout_rows", 0, "Rollout rows per block (0: from --rollout_memory_gb).")
 _ROLLOUT_GB = flags.DEFINE_float("rollout_memory_gb", 2.0, "KV-cache memory budget of one rollout block.")
+_DEVICES = flags.DEFINE_integer("devices", 0, "BrierLM: split each batch over this many devices, sampling "
+                                "per device (0: all devices; 1: one device, unsharded).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON output path.")
@@ -75,6 +78,17 @@ def _batches(trained, data_arg: str, split: str, block_length: int, batch_size: 
   return data.make_eval_iterator(directory, split, global_batch_size=batch_size)
 
 
+def _mesh(jax):
+  """A data-parallel mesh over --devices devices, or None for one device."""
+  from calm_jax import sharding  # pylint: disable=import-outside-toplevel
+  n = _DEVICES.value or jax.device_count()
+  if n < 1 or n > jax.device_count():
+    raise ValueError(f"--devices={_DEVICES.value}: this machine has {jax.device_count()} devices")
+  if n == 1:
+    return None
+  return sharding.make_mesh(data=n, fsdp=1, tensor=1, devices=jax.devices()[:n])
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -106,7 +120,7 @@ def main(argv: list[str]) -> None:
         evaluate.check_block_length(trained.kind, trained.cfg, block_length)
         result = evaluate.evaluate_brier(trained.kind, trained.cfg, trained.params, batches, key,
                                          ae_cfg=trained.ae_cfg, ae_params=trained.ae_params, settings=settings,
-                                         num_batches=num_batches)
+                                         num_batches=num_batches, mesh=_mesh(jax))
         print(evaluate.format_brier(result))
         out = _OUTPUT.value or os.path.join(_WORKDIR.value, "eval", f"brier_{tag}.json")
     result.update(workdir=os.path.abspath(_WORKDIR.value), data=_DATA.value, step=step, seed=_SEED.value)

@@ -118,6 +118,7 @@ def test_brier_sampling_per_device(parity):
   # (3 masked) x 3 predicted chunks.
   assert one["energy"]["num_rows"] == 5 and one["energy"]["num_positions"] == 5 * 3
   assert eight["energy"] == pytest.approx(one["energy"], abs=1e-6)
+  assert one["energy_no_mesh"] == pytest.approx(one["energy"], abs=1e-6)
   # Baseline (lowvar): rollouts per device with per-device keys, so Brier-2..4 differ between
   # meshes; Brier-1 has no sampling in it (2 P(y) - sum P^2) and must agree.  5 rows x (16-4).
   assert one["transformer"]["num_positions"] == eight["transformer"]["num_positions"] == 5 * 12

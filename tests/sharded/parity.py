@@ -113,6 +113,8 @@ def main(out_dir: str, mesh_names: list[str], restore: bool):
         out["brier"] = {"energy": brierlm(mesh, "energy", place(mesh, sh, "energy")["params"], ae),
                         "transformer": brierlm(mesh, "transformer", place(mesh, sh, "transformer")["params"],
                                                None)}
+        if mesh.size == 1:   # and the unsharded path (no mesh) draws the same CALM samples
+          out["brier"]["energy_no_mesh"] = brierlm(None, "energy", params["energy"], params["autoencoder"])
     out["specs"] = sorted({str(x.sharding.spec) for x in jax.tree.leaves(place(mesh, sh, "transformer")["params"])})
     return out, (sh, steps, ae)
 
