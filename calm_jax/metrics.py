@@ -25,6 +25,7 @@ Typical loop::
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -236,7 +237,8 @@ class ProgressBar:
   the step just fetched and the number of tokens that step consumed.
   """
 
-  def __init__(self, total_steps: int, start_step: int = 0, desc: str = "train", **tqdm_kwargs):
+  def __init__(self, total_steps: int, start_step: int = 0, desc: str = "train", window: int = 20,
+               **tqdm_kwargs):
     from tqdm.auto import tqdm  # imported here: only the training entry point needs it
 
     self._bar = tqdm(
@@ -247,7 +249,10 @@ class ProgressBar:
       disable=not _is_main(),
       **tqdm_kwargs,
     )
-    self._last_step, self._last_time, self._tokens = start_step, time.perf_counter(), 0
+    self._last_step, self._tokens = start_step, 0
+    # (time, tokens so far) at the last few updates: tokens/s over a sliding window, because
+    # metrics fetched one step late arrive in uneven bursts (one step's interval alone swings 10x).
+    self._window: collections.deque = collections.deque([(time.perf_counter(), 0)], maxlen=window + 1)
     self.tokens_per_sec: float | None = None
 
   def update(self, step: int, tokens: int, **postfix: Any) -> None:
@@ -256,14 +261,20 @@ class ProgressBar:
     now = time.perf_counter()
     done = step + 1 - self._last_step
     if done > 0:
-      dt = now - self._last_time
-      if dt > 0:
-        self.tokens_per_sec = self._tokens / dt
+      self._window.append((now, self._tokens))
+      (t0, n0), (t1, n1) = self._window[0], self._window[-1]
+      if t1 > t0:
+        self.tokens_per_sec = (n1 - n0) / (t1 - t0)
       self._bar.update(done)
-      self._last_step, self._last_time, self._tokens = step + 1, now, 0
+      self._last_step = step + 1
     shown = {"tok/s": f"{self.tokens_per_sec:,.0f}"} if self.tokens_per_sec else {}
     shown.update({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()})
     self._bar.set_postfix(shown, refresh=False)
+
+  def restart_rate(self) -> None:
+    """Forget the window (after an evaluation, whose time is not training throughput)."""
+    self._window.clear()
+    self._window.append((time.perf_counter(), self._tokens))
 
   def close(self) -> None:
     self._bar.close()

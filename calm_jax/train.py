@@ -554,6 +554,7 @@ def _train(exp: Experiment, workdir: str, mesh, rules) -> dict[str, float]:
         bar.update(step, 0, **{k.removeprefix("eval/"): v for k, v in last_eval.items()
                                if k != "eval/count"})
         clock.update(t=None, steps=0)   # evaluation time is not training throughput
+        bar.restart_rate()
       ckpt.maybe_save(done, state, train_it, force=bool(preempted))
       if preempted:
         ckpt.wait()

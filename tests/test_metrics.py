@@ -86,3 +86,15 @@ def test_progress_bar_tokens_per_sec():
     bar.update(3, tokens=1000)
     assert bar.tokens_per_sec is not None and bar.tokens_per_sec > 0
   assert "4/10" in out.getvalue() and "tok/s" in out.getvalue()
+
+
+def test_progress_bar_rate_is_smoothed_over_a_window(monkeypatch):
+  # Steps fetched one step late arrive in bursts; the shown rate must be tokens over the window's
+  # time, not the last interval's (which would read 1000 / 0.01 = 100,000 here).
+  clock = iter([0.0, 1.0, 1.01, 2.0, 2.01, 3.0, 3.01])
+  monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+  with metrics.ProgressBar(10, file=io.StringIO(), mininterval=0, window=4) as bar:
+    for step in range(6):
+      bar.update(step, tokens=1000)
+    # window of 4 intervals: from t=1.01 (2000 tokens) to t=3.01 (6000 tokens)
+    assert bar.tokens_per_sec == pytest.approx(4000 / 2.0)
