@@ -23,6 +23,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import bench_configs as bc  # noqa: E402
+import machine  # noqa: E402
 
 
 def _worker(python, script):
@@ -49,6 +50,7 @@ def main():
   ap.add_argument("--ref_python", default=os.environ.get("CALM_REFERENCE_PYTHON", "/work/refvenv/bin/python"))
   ap.add_argument("--json", default=None, help="append every measurement as a JSON line")
   args = ap.parse_args()
+  print(f"# {machine.describe()} (before)", flush=True)
   jx, ref = _worker(sys.executable, "train_step.py"), _worker(args.ref_python, "reference_train_step.py")
   results = []
   try:
@@ -68,6 +70,7 @@ def main():
   if args.json:
     with open(args.json, "a") as f:
       f.writelines(json.dumps(x) + "\n" for x in results)
+  print(f"# {machine.describe()} (after)")
   print(f"| model | size | dtype | calm_jax step (s) | calm_jax tok/s | calm_jax MFU | reference step (s) "
         f"| reference tok/s | ratio |\n|---|---|---|---|---|---|---|---|---|")
   for size in args.sizes.split(","):

@@ -16,7 +16,7 @@ With the reference available, the same CALM weights are exported with
 timed under the reference's own ``generate()`` (``CALM.generate`` with its
 ``temperature_sampling``; the baseline with Hugging Face
 ``LlamaForCausalLM.generate(do_sample=True, top_k=0)``) in a subprocess, one
-warm-up call first.  Results go to stdout as a Markdown table.
+warm-up call first, on the same kind of device as JAX (``--reference_device``).  Results go to stdout as a Markdown table.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import machine  # noqa: E402  (benchmarks/)
 from calm_jax import generate as gen  # noqa: E402
 from calm_jax import interop, models  # noqa: E402
 from calm_jax.configs import AutoencoderConfig, EnergyConfig, LlamaConfig, TransformerConfig  # noqa: E402
@@ -48,12 +50,14 @@ from transformers import LlamaForCausalLM
 folder, spec = sys.argv[1], json.loads(sys.argv[2])
 torch.set_num_threads(spec["threads"])
 torch.manual_seed(0)
-calm = EnergyTransformer.from_pretrained(os.path.join(folder, "calm")).eval().float()
-llama = LlamaForCausalLM.from_pretrained(os.path.join(folder, "baseline")).eval().float()
+dev = torch.device(spec["device"])
+calm = EnergyTransformer.from_pretrained(os.path.join(folder, "calm")).eval().float().to(dev)
+llama = LlamaForCausalLM.from_pretrained(os.path.join(folder, "baseline")).eval().float().to(dev)
+sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 rows = []
 for case in spec["cases"]:
   b, t, kind = case["batch"], case["temperature"], case["kind"]
-  ids = torch.from_numpy(np.load(os.path.join(folder, f"prompts_{b}.npy"))).long()
+  ids = torch.from_numpy(np.load(os.path.join(folder, f"prompts_{b}.npy"))).long().to(dev)
   def run():
     with torch.no_grad():
       if kind == "calm":
@@ -64,7 +68,7 @@ for case in spec["cases"]:
   run()
   best = float("inf")
   for _ in range(spec["repeats"]):
-    t0 = time.perf_counter(); out = run(); best = min(best, time.perf_counter() - t0)
+    sync(); t0 = time.perf_counter(); out = run(); sync(); best = min(best, time.perf_counter() - t0)
   rows.append(dict(case, seconds=best, tokens=b * spec["max_new_tokens"], out_len=int(out.shape[1])))
 print("RESULT" + json.dumps(rows))
 """
@@ -117,6 +121,8 @@ def main():
   p.add_argument("--heads", type=int, default=4)
   p.add_argument("--reference", choices=["auto", "yes", "no"], default="auto")
   p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads for the reference")
+  p.add_argument("--reference_device", choices=["auto", "cpu", "cuda"], default="auto",
+                 help="the reference's torch device (auto: cuda when JAX runs on a GPU, else cpu)")
   args = p.parse_args()
 
   (cfg, params, ae_cfg, ae_params), (base_cfg, base_params) = build_models(args)
@@ -128,6 +134,7 @@ def main():
 
   print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"load average {os.getloadavg()[0]:.1f}; jax {jax.__version__} on {jax.devices()[0].platform}")
+  print(f"# {machine.describe()} (before)", flush=True)
   print(f"# model: D={args.hidden}, {args.layers} layers, V={args.vocab}, CALM K=4 (AE D={args.hidden // 2}); "
         f"prompt {args.prompt_len} tokens, {args.max_new_tokens} new tokens")
   for c in cases:
@@ -146,6 +153,9 @@ def main():
   ref_dir = os.environ.get("CALM_REFERENCE_DIR")
   ref_py = os.environ.get("CALM_REFERENCE_PYTHON", "/work/refvenv/bin/python")
   use_ref = args.reference == "yes" or (args.reference == "auto" and ref_dir and os.path.exists(ref_py))
+  ref_device = args.reference_device
+  if ref_device == "auto":   # the same kind of device on both sides: a like-for-like comparison
+    ref_device = "cuda" if jax.devices()[0].platform == "gpu" else "cpu"
   if use_ref:
     with tempfile.TemporaryDirectory() as tmp:
       interop.export_energy(os.path.join(tmp, "calm"), cfg, params, ae_cfg, ae_params, pad_token_id=pad_id,
@@ -155,8 +165,11 @@ def main():
       for b, arr in prompts.items():
         np.save(os.path.join(tmp, f"prompts_{b}.npy"), arr)
       spec = dict(cases=[{k: c[k] for k in ("kind", "batch", "temperature")} for c in cases],
-                  max_new_tokens=args.max_new_tokens, repeats=args.repeats, pad_id=pad_id, threads=args.threads)
-      env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+                  max_new_tokens=args.max_new_tokens, repeats=args.repeats, pad_id=pad_id, threads=args.threads,
+                  device=ref_device)
+      env = dict(os.environ)
+      if ref_device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
       r = subprocess.run([ref_py, "-c", _REFERENCE_DRIVER, tmp, json.dumps(spec)], capture_output=True,
                          text=True, env=env)
       if r.returncode:
@@ -172,7 +185,7 @@ def main():
     ref = f"{c['ref_tps']:.1f}" if "ref_tps" in c else "-"
     speed = f"{c['jax_tps'] / c['ref_tps']:.1f}x" if "ref_tps" in c else "-"
     print(f"| {c['kind']} | {c['batch']} | {t} | {c['jax_tps']:.1f} | {ref} | {speed} |")
-  print(f"\n# load average at the end: {os.getloadavg()[0]:.1f}")
+  print(f"\n# load average at the end: {os.getloadavg()[0]:.1f}; {machine.describe()}")
 
 
 if __name__ == "__main__":
