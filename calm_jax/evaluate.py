@@ -269,10 +269,11 @@ def _per_device_brier_fn(kind, cfg, ae_cfg, settings: BrierSettings, mesh):
   CALM with K >= 4: the backbone under the rules table's shardings, the two head
   samples, their decoding and comparison under ``jax.shard_map`` where each
   row's hidden states live, noise per global row (the result does not depend on
-  the mesh, and equals the unsharded path's).  K < 4 and the baseline: the whole teacher-forced pass and the
-  rollouts of a device's rows run on that device (parameters gathered over the
-  batch axes, ``tensor`` left automatic), with the key folded with the device's
-  batch-shard index, so draws differ between meshes but not in distribution.
+  the mesh, and equals the unsharded path's).  K < 4 and the baseline: the whole
+  teacher-forced pass and the rollouts of a device's rows run on that device
+  (parameters gathered over the batch axes, ``tensor`` left automatic), with the
+  key folded with the device's batch-shard index, so draws differ between
+  meshes but not in distribution.
   """
   if kind == "energy" and cfg.patch_size >= brier.MAX_N:
     rows_fn = sharded_losses.sharded_calm_brier_rows_fn(cfg, ae_cfg, mesh)
