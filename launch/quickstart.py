@@ -96,6 +96,9 @@ def main(argv):
     if "eval/brierlm" in r:
       cells = "  ".join(f"Brier-{n} {100 * r[f'eval/brier{n}']:.2f}" for n in range(1, 5))
       print(f"{name:12s} BrierLM {r['eval/brierlm']:.2f} ± {r['eval/brierlm_se']:.2f}  ({cells})")
+      if any(r[f"eval/brier{n}"] < 0 for n in range(1, 5)):
+        print(f"{'':12s} (a negative Brier-n: the model is at chance level; as in the reference only the "
+              "product of the four is clipped at 0, so an even number of negatives gives BrierLM > 0)")
   samples = {}
   for name in ("calm", "transformer"):
     print(f"{name} continuations (T={_TEMPERATURE.value:g}):")
