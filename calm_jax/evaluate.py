@@ -252,13 +252,18 @@ def ar_brier_block(cfg, params, tokens_BxT, key, settings: BrierSettings) -> dic
 # ----------------------------------------------------------------------------- drivers
 
 
+def _block_fn(kind, cfg, ae_cfg, settings: BrierSettings):
+  """``fn(params, ae_params, tokens_BxT, key) -> {estimator: [B, P, 4]}`` of one batch of blocks."""
+  if kind == "energy":
+    return lambda p, ap, tok, key: {"brier": calm_brier_block(cfg, ae_cfg, p, ap, tok, key, settings)}
+  if kind == "transformer":
+    return lambda p, ap, tok, key: ar_brier_block(cfg, p, tok, key, settings)
+  raise ValueError(f"BrierLM needs an 'energy' or 'transformer' model; got kind={kind!r}.")
+
+
 @functools.lru_cache(maxsize=8)
 def _brier_fn(kind, cfg, ae_cfg, settings: BrierSettings):
-  if kind == "energy":
-    return jax.jit(lambda p, ap, tok, key: {"brier": calm_brier_block(cfg, ae_cfg, p, ap, tok, key, settings)})
-  if kind == "transformer":
-    return jax.jit(lambda p, ap, tok, key: ar_brier_block(cfg, p, tok, key, settings))
-  raise ValueError(f"BrierLM needs an 'energy' or 'transformer' model; got kind={kind!r}.")
+  return jax.jit(_block_fn(kind, cfg, ae_cfg, settings))
 
 
 @functools.lru_cache(maxsize=8)
@@ -284,12 +289,7 @@ def _per_device_brier_fn(kind, cfg, ae_cfg, settings: BrierSettings, mesh):
       key_tf = jax.random.split(key)[0]    # calm_brier_block's teacher-forcing key: same draws
       return {"brier": (rows_fn(params, ae_params, tokens_BxT, key_tf), counts)}
   else:
-    if kind == "energy":
-      block = lambda p, ap, tok, key: {"brier": calm_brier_block(cfg, ae_cfg, p, ap, tok, key, settings)}
-    elif kind == "transformer":
-      block = lambda p, ap, tok, key: ar_brier_block(cfg, p, tok, key, settings)
-    else:
-      raise ValueError(f"BrierLM needs an 'energy' or 'transformer' model; got kind={kind!r}.")
+    block = _block_fn(kind, cfg, ae_cfg, settings)
 
     def per_device(params, ae_params, tokens_BxT, key):
       key = jax.random.fold_in(key, jax.lax.axis_index(BATCH_AXES))

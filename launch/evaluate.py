@@ -78,8 +78,10 @@ def _batches(trained, data_arg: str, split: str, block_length: int, batch_size: 
   return data.make_eval_iterator(directory, split, global_batch_size=batch_size)
 
 
-def _mesh(jax):
+def _mesh():
   """A data-parallel mesh over --devices devices, or None for one device."""
+  import jax  # pylint: disable=import-outside-toplevel
+
   from calm_jax import sharding  # pylint: disable=import-outside-toplevel
   n = _DEVICES.value or jax.device_count()
   if n < 1 or n > jax.device_count():
@@ -120,7 +122,7 @@ def main(argv: list[str]) -> None:
         evaluate.check_block_length(trained.kind, trained.cfg, block_length)
         result = evaluate.evaluate_brier(trained.kind, trained.cfg, trained.params, batches, key,
                                          ae_cfg=trained.ae_cfg, ae_params=trained.ae_params, settings=settings,
-                                         num_batches=num_batches, mesh=_mesh(jax))
+                                         num_batches=num_batches, mesh=_mesh())
         print(evaluate.format_brier(result))
         out = _OUTPUT.value or os.path.join(_WORKDIR.value, "eval", f"brier_{tag}.json")
     result.update(workdir=os.path.abspath(_WORKDIR.value), data=_DATA.value, step=step, seed=_SEED.value)
