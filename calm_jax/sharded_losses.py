@@ -193,4 +193,3 @@ def sharded_calm_brier_rows_fn(cfg: EnergyConfig, ae_cfg: AutoencoderConfig, mes
     return rows(ae_params, z, tokens_BxT[:, k:].reshape(b, t // k - 1, k))
 
   return fn
-
