@@ -151,9 +151,18 @@ def test_baseline_estimators_agree_with_exact():
   run = jax.jit(lambda tok, k: evaluate.ar_brier_block(cfg, params, tok, k, settings))
   out = run(jnp.asarray(np.tile(tokens_T, (reps, 1))), jax.random.fold_in(key, 2))
   exact_4 = exact_Px4.mean(0)
+  num_starts = exact_Px4.shape[0]
   for name in ("lowvar", "plain"):
     row_means = np.asarray(out[name], np.float64).mean(1)             # [reps, 4] i.i.d. replicates
     mean, se = row_means.mean(0), row_means.std(0, ddof=1) / np.sqrt(reps)
+    # A peaky model can give the same discrete outcome in every replicate, and then the sample
+    # standard error is 0 although the estimator is not exact.  Floor it at the resolution of
+    # the mean (one unit step at one position of one replicate), except where the estimator is
+    # exact (lowvar Brier-1), which keeps the strict check.
+    floor = np.full(4, 1.0 / (num_starts * reps))
+    if name == "lowvar":
+      floor[0] = 0.0
+    se = np.maximum(se, floor)
     assert np.all(np.abs(mean - exact_4) < Z_MAX * se + 1e-5), f"{name} seed={seed} {mean} {exact_4} {se}"
   # The low-variance form must actually have lower variance on Brier-1 (it is exact there).
   assert np.asarray(out["lowvar"])[..., 0].std(0).max() < 1e-5
