@@ -14,6 +14,10 @@ in the same process (``flops.measure_matmul_peak``, same dtype).
 ``--serve`` reads one JSON request per stdin line ({"model", "size", "dtype",
 "iters"}) and answers one JSON line per request, keeping compiled steps: the
 comparison script alternates requests between this and the reference worker.
+
+Like the launch scripts, it restarts itself once with glibc malloc tuned for
+XLA:CPU (``calm_jax.hostmem``; ``CALM_JAX_MALLOC=system`` keeps the defaults);
+every result says which (``malloc``).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import bench_configs as bc  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from calm_jax import flops, models, xla_cost  # noqa: E402
+from calm_jax import flops, hostmem, models, xla_cost  # noqa: E402
 from calm_jax.configs import AutoencoderConfig, EnergyConfig, LlamaConfig, TransformerConfig  # noqa: E402
 
 
@@ -90,10 +94,11 @@ class Bench:
     peak = self.peak(dtype)
     return dict(impl="calm_jax", model=model, size=size, dtype=dtype, step_s=step_s, tokens_per_s=tok_s,
                 flops_per_token=st["fpt"], peak=peak, mfu=flops.mfu(tok_s, st["fpt"], peak),
-                loss=float(loss), times=times)
+                loss=float(loss), times=times, malloc=os.environ.get("CALM_JAX_MALLOC", "system"))
 
 
 def main():
+  hostmem.reexec_with_tuned_malloc()
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--sizes", default="small,medium")
   ap.add_argument("--models", default=",".join(bc.MODELS))

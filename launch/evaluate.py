@@ -27,6 +27,8 @@ import tempfile
 
 from absl import app, flags
 
+from calm_jax import hostmem  # stdlib-only; before anything starts threads
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir or reference HF model folder.", required=True)
 _DATA = flags.DEFINE_string("data", None, "Prepared data dir, or a source spec / file to prepare.",
                             required=True)
@@ -132,4 +134,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  hostmem.reexec_with_tuned_malloc()
   app.run(main)

@@ -18,6 +18,8 @@ import sys
 
 from absl import app, flags
 
+from calm_jax import hostmem  # stdlib-only; before anything starts threads
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir or reference HF model folder.", required=True)
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "A prompt (repeatable).")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "A text file, one prompt per line.")
@@ -88,4 +90,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  hostmem.reexec_with_tuned_malloc()
   app.run(main)

@@ -24,6 +24,8 @@ import time
 from absl import app, flags
 from absl import logging as absl_logging
 
+from calm_jax import hostmem  # stdlib-only; before anything starts threads
+
 _ROOT = flags.DEFINE_string("root", "runs/quickstart", "Parent directory of the three workdirs.")
 _PROMPTS = flags.DEFINE_multi_string(
     "prompt", ["The following example shows how to", "This module provides", "If the file does not exist,"],
@@ -114,4 +116,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  hostmem.reexec_with_tuned_malloc()
   app.run(main)

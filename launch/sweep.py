@@ -19,6 +19,8 @@ import time
 from absl import app, flags
 from absl import logging as absl_logging
 
+from calm_jax import hostmem  # stdlib-only; before anything starts threads
+
 _SWEEP = flags.DEFINE_string("sweep", "frontier_tiny", "A sweep name of experiments/registry.py.")
 _ROOT = flags.DEFINE_string("root", None, "Parent directory of the sweep's workdirs.", required=True)
 _STEPS_SCALE = flags.DEFINE_float("steps_scale", 1.0, "Multiply every run's train.steps (and cadences).")
@@ -72,4 +74,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  hostmem.reexec_with_tuned_malloc()
   app.run(main)

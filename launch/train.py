@@ -23,6 +23,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from calm_jax import hostmem  # stdlib-only; before anything starts threads
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/<family>.py:<arg>", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config, checkpoints, metrics).", required=True)
 
@@ -74,4 +76,5 @@ def run(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+  hostmem.reexec_with_tuned_malloc()
   run()
