@@ -26,9 +26,9 @@ import bench_configs as bc  # noqa: E402
 import machine  # noqa: E402
 
 
-def _worker(python, script):
+def _worker(python, script, env=None):
   return subprocess.Popen([python, os.path.join(HERE, script), "--serve"], stdin=subprocess.PIPE,
-                          stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(HERE))
+                          stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(HERE), env=env)
 
 
 def _ask(proc, req):
@@ -49,9 +49,17 @@ def main():
   ap.add_argument("--iters", type=int, default=3)
   ap.add_argument("--ref_python", default=os.environ.get("CALM_REFERENCE_PYTHON", "/work/refvenv/bin/python"))
   ap.add_argument("--json", default=None, help="append every measurement as a JSON line")
+  ap.add_argument("--reference_malloc", default="system", choices=("system", "tuned"),
+                  help="glibc malloc of the reference worker: its defaults (as the reference runs), or "
+                       "the settings calm_jax's entry points use (calm_jax.hostmem)")
   args = ap.parse_args()
   print(f"# {machine.describe()} (before)", flush=True)
-  jx, ref = _worker(sys.executable, "train_step.py"), _worker(args.ref_python, "reference_train_step.py")
+  ref_env = None
+  if args.reference_malloc == "tuned":
+    from calm_jax import hostmem  # pylint: disable=import-outside-toplevel
+    ref_env = hostmem.tuned_environ()
+  jx = _worker(sys.executable, "train_step.py")
+  ref = _worker(args.ref_python, "reference_train_step.py", env=ref_env)
   results = []
   try:
     for r in range(args.rounds):
@@ -71,19 +79,23 @@ def main():
     with open(args.json, "a") as f:
       f.writelines(json.dumps(x) + "\n" for x in results)
   print(f"# {machine.describe()} (after)")
+  print(f"# reference malloc: {args.reference_malloc}; 'best' = the fastest single step of all rounds "
+        f"(the least disturbed by a busy host)")
   print(f"| model | size | dtype | calm_jax step (s) | calm_jax tok/s | calm_jax MFU | reference step (s) "
-        f"| reference tok/s | ratio |\n|---|---|---|---|---|---|---|---|---|")
+        f"| reference tok/s | ratio | best steps (s) | best ratio |\n|---|---|---|---|---|---|---|---|---|---|---|")
   for size in args.sizes.split(","):
     for model in args.models.split(","):
       med = {}
       for impl in ("calm_jax", "reference"):
         rs = [x for x in results if x["impl"] == impl and x["model"] == model and x["size"] == size]
         med[impl] = {k: statistics.median(x[k] for x in rs) for k in ("step_s", "tokens_per_s")}
+        med[impl]["best"] = min(t for x in rs for t in x["times"])
         if impl == "calm_jax":
           med[impl]["mfu"] = statistics.median(x["mfu"] for x in rs)
       j, f = med["calm_jax"], med["reference"]
       print(f"| {model} | {size} | {args.dtype} | {j['step_s']:.3f} | {j['tokens_per_s']:.0f} | {j['mfu']:.1%} "
-            f"| {f['step_s']:.3f} | {f['tokens_per_s']:.0f} | {j['tokens_per_s'] / f['tokens_per_s']:.2f}x |")
+            f"| {f['step_s']:.3f} | {f['tokens_per_s']:.0f} | {j['tokens_per_s'] / f['tokens_per_s']:.2f}x "
+            f"| {j['best']:.3f} / {f['best']:.3f} | {f['best'] / j['best']:.2f}x |")
 
 
 if __name__ == "__main__":
