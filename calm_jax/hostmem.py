@@ -84,3 +84,17 @@ def reexec_with_tuned_malloc() -> None:
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, [sys.executable, *argv[1:]], tuned_environ())
+
+
+def shell_exports() -> str:
+  """``export NAME=value`` lines of the tuned environment (empty where it does not apply), for
+  shell scripts that start several Python processes (scripts/test.sh)."""
+  if not wanted():
+    return ""
+  env = tuned_environ()
+  names = (*SETTINGS, "GLIBC_TUNABLES", _MARK)
+  return "\n".join(f"export {k}='{env[k]}'" for k in names)
+
+
+if __name__ == "__main__":
+  print(shell_exports())

@@ -15,5 +15,7 @@ fi
 # XLA:CPU compilation, so two workers use both cores of a small machine: on a 2-core VM the
 # suite took 631 s with two workers (2026-11-29).  All processes share one persistent XLA
 # compilation cache (see tests/conftest.py).
+# The glibc malloc settings of the entry points (calm_jax/hostmem.py), for every test process.
+eval "$("$VENV/bin/python" -m calm_jax.hostmem)"
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$(mktemp -d -t calm_jax_xla_cache_XXXXXX)}"
 exec "$VENV/bin/python" -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"

@@ -97,3 +97,16 @@ def test_settings_stop_a_freed_step_buffer_from_faulting_in_again():
   default, tuned = faults(env), faults(hostmem.tuned_environ(env))
   assert tuned <= 128, (tuned, default)
   assert tuned <= default // 16 or default <= 128, (tuned, default)
+
+
+@glibc
+def test_shell_exports_for_scripts():
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("MALLOC_", "CALM_JAX_MALLOC", "GLIBC_TUNABLES"))}
+  env["JAX_PLATFORMS"] = "cpu"
+  cmd = f'eval "$("{sys.executable}" -m calm_jax.hostmem)"; echo "$MALLOC_MMAP_MAX_ $GLIBC_TUNABLES $CALM_JAX_MALLOC"'
+  out = subprocess.run(["bash", "-c", cmd], env=env, capture_output=True, text=True, check=True).stdout
+  assert out.split() == ["0", "glibc.malloc.hugetlb=1", "tuned"], out
+  env["CALM_JAX_MALLOC"] = "system"
+  out = subprocess.run(["bash", "-c", cmd], env=env, capture_output=True, text=True, check=True).stdout
+  assert out.split() == ["system"], out
