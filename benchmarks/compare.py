@@ -80,9 +80,9 @@ def main():
       f.writelines(json.dumps(x) + "\n" for x in results)
   print(f"# {machine.describe()} (after)")
   print(f"# reference malloc: {args.reference_malloc}; 'best' = the fastest single step of all rounds "
-        f"(the least disturbed by a busy host)")
-  print(f"| model | size | dtype | calm_jax step (s) | calm_jax tok/s | calm_jax MFU | reference step (s) "
-        f"| reference tok/s | ratio | best steps (s) | best ratio |\n|---|---|---|---|---|---|---|---|---|---|---|")
+        "(the least disturbed by a busy host)")
+  print("| model | size | dtype | calm_jax step (s) | calm_jax tok/s | calm_jax MFU | reference step (s) "
+        "| reference tok/s | ratio | best steps (s) | best ratio |\n|---|---|---|---|---|---|---|---|---|---|---|")
   for size in args.sizes.split(","):
     for model in args.models.split(","):
       med = {}
