@@ -16,6 +16,14 @@ glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0
                            reason="glibc malloc settings")
 
 
+def _cpu_env_without_settings() -> dict[str, str]:
+  """This process's environment minus any malloc settings or mark, on the CPU platform."""
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("MALLOC_", "CALM_JAX_MALLOC", "GLIBC_TUNABLES"))}
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
 @glibc
 def test_wanted_follows_platform_and_opt_out():
   assert hostmem.wanted({"JAX_PLATFORMS": "cpu"})
@@ -43,9 +51,7 @@ def test_entry_point_reexecutes_once_with_the_settings(tmp_path):
       hostmem.reexec_with_tuned_malloc()
       print("main", sys.argv[1:], os.environ.get("GLIBC_TUNABLES"), os.environ.get("MALLOC_MMAP_MAX_"))
   """))
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith(("MALLOC_", "CALM_JAX_MALLOC", "GLIBC_TUNABLES"))}
-  env["JAX_PLATFORMS"] = "cpu"
+  env = _cpu_env_without_settings()
   out = subprocess.run([sys.executable, str(script), "--flag=1"], env=env, capture_output=True, text=True,
                        check=True).stdout.splitlines()
   assert out == ["start None", "start tuned", "main ['--flag=1'] glibc.malloc.hugetlb=1 0"], out
@@ -86,7 +92,7 @@ def _thp_available() -> bool:
 @glibc
 @pytest.mark.skipif(not _thp_available(), reason="transparent huge pages are off on this kernel")
 def test_settings_stop_a_freed_step_buffer_from_faulting_in_again():
-  env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+  env = _cpu_env_without_settings()
 
   def faults(e):
     return int(subprocess.run([sys.executable, "-c", _FAULTS], env=e, capture_output=True, text=True,
@@ -101,9 +107,7 @@ def test_settings_stop_a_freed_step_buffer_from_faulting_in_again():
 
 @glibc
 def test_shell_exports_for_scripts():
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith(("MALLOC_", "CALM_JAX_MALLOC", "GLIBC_TUNABLES"))}
-  env["JAX_PLATFORMS"] = "cpu"
+  env = _cpu_env_without_settings()
   cmd = f'eval "$("{sys.executable}" -m calm_jax.hostmem)"; echo "$MALLOC_MMAP_MAX_ $GLIBC_TUNABLES $CALM_JAX_MALLOC"'
   out = subprocess.run(["bash", "-c", cmd], env=env, capture_output=True, text=True, check=True).stdout
   assert out.split() == ["0", "glibc.malloc.hugetlb=1", "tuned"], out
