@@ -26,7 +26,8 @@ WORDS = 63   # ids 0..62; PAD gets 63: the tiny configs' vocabulary of 64
 
 
 def _run(module: str, *args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
+  # PJRT_NPROC: spare XLA:CPU workers for the two devices' collectives (tests/sharded/common.py).
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PJRT_NPROC=os.environ.get("PJRT_NPROC", "8"),
              XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip())
   return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
                         env=env, timeout=600, check=False)

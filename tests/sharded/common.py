@@ -21,6 +21,9 @@ FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive
                 "--xla_cpu_use_fusion_emitters=false")
 
 
+WORKERS_PER_DEVICE = 4
+
+
 def set_cpu_devices(n: int) -> None:
   """``n`` fake CPU devices; must run before anything initialises JAX's backends."""
   os.environ["JAX_PLATFORMS"] = "cpu"
@@ -28,6 +31,13 @@ def set_cpu_devices(n: int) -> None:
   have = {f.split("=")[0] for f in flags}
   flags += [f for f in FAST_COMPILE.split() if f.split("=")[0] not in have]
   os.environ["XLA_FLAGS"] = " ".join(flags)
+  # XLA:CPU sizes its worker pool max(cores, devices): with 8 devices on 2 cores, 8 threads.
+  # Each collective waiting for its peers parks a worker, and a device whose next step is
+  # queued behind parked workers never arrives -- a starvation deadlock that XLA ends after
+  # 40 s by aborting the process (seen in CI: all 8 workers parked in all-reduces and a
+  # collective-permute while 4 devices had not started their part).  Spare threads cost
+  # nothing while parked; a caller's own PJRT_NPROC wins.
+  os.environ.setdefault("PJRT_NPROC", str(WORKERS_PER_DEVICE * n))
   import jax
 
   jax.config.update("jax_num_cpu_devices", n)
