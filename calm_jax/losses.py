@@ -34,10 +34,43 @@ def clamped_kl(mean_xL, log_std_xL, kl_clamp: float):
   return jnp.mean(jnp.sum(kl, axis=-1))
 
 
+@jax.custom_vjp
+def token_nll(logits_xV, labels_x):
+  """Per-token ``-log softmax(logits)[label]`` (``logits`` in fp32).
+
+  Its own VJP because autodiff's is wasteful at a vocabulary's width: the gradient
+  of the label pick (a gather) is a scatter into a zero-filled ``[tokens, V]``
+  array -- two extra passes over the largest array of a step, and a serial loop
+  on the CPU.  Here the backward pass is the one elementwise pass
+  ``g * (softmax - onehot)``, the one-hot formed by comparing against an iota
+  inside it; the forward keeps the normalised exponentials it needs.
+  """
+  picked = jnp.take_along_axis(logits_xV, labels_x[..., None], axis=-1)[..., 0]
+  return jax.nn.logsumexp(logits_xV, axis=-1) - picked
+
+
+def _token_nll_fwd(logits_xV, labels_x):
+  top = jax.lax.stop_gradient(jnp.max(logits_xV, axis=-1, keepdims=True))
+  exp_xV = jnp.exp(logits_xV - top)
+  total = jnp.sum(exp_xV, axis=-1, keepdims=True)
+  picked = jnp.take_along_axis(logits_xV, labels_x[..., None], axis=-1)
+  nll = (top + jnp.log(total) - picked)[..., 0]
+  return nll, (exp_xV, total, labels_x)
+
+
+def _token_nll_bwd(res, g_x):
+  exp_xV, total, labels_x = res
+  is_label = jnp.arange(exp_xV.shape[-1], dtype=labels_x.dtype) == labels_x[..., None]
+  d_xV = g_x[..., None] * (exp_xV / total - is_label.astype(exp_xV.dtype))
+  return d_xV, None
+
+
+token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
+
+
 def token_cross_entropy(logits_xV, labels_x, mask_x=None):
   """Mean cross-entropy over (masked) tokens, in fp32."""
-  logp = jax.nn.log_softmax(logits_xV.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, labels_x[..., None], axis=-1)[..., 0]
+  nll = token_nll(logits_xV.astype(jnp.float32), labels_x)
   if mask_x is None:
     return jnp.mean(nll)
   mask = mask_x.astype(jnp.float32)

@@ -127,3 +127,36 @@ def test_autoencoder_loss_combines_as_reference():
   eval_loss, _ = losses.autoencoder_loss(out, labels, cfg, train=False)
   np.testing.assert_allclose(eval_loss, ce, rtol=1e-5)
   assert 0.0 <= float(m["token_acc"]) <= 1.0
+
+
+@pytest.mark.parametrize("scale", [1.0, 60.0])   # 60: logits far outside exp's fp32 range without the max shift
+def test_cross_entropy_value_and_gradient_match_autodiff_of_log_softmax(scale):
+  """token_nll's own VJP (softmax - onehot, no scatter) == autodiff of log_softmax + gather,
+  with a mask, under jit, for a bf16 input as well."""
+  rng = np.random.default_rng(3)
+  logits = jnp.asarray(rng.normal(size=(3, 5, 37)) * scale, jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 37, (3, 5)))
+  mask = jnp.asarray(rng.random((3, 5)) > 0.3)
+  weights = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)   # a non-uniform upstream gradient
+
+  def plain_nll(x):
+    return -jnp.take_along_axis(jax.nn.log_softmax(x.astype(jnp.float32)), labels[..., None], -1)[..., 0]
+
+  pairs = [  # (ours, autodiff's), each a scalar function of the logits
+      (lambda x: jnp.sum(losses.token_nll(x.astype(jnp.float32), labels) * weights),
+       lambda x: jnp.sum(plain_nll(x) * weights)),
+      (lambda x: losses.token_cross_entropy(x, labels, mask),
+       lambda x: jnp.sum(plain_nll(x) * mask) / jnp.sum(mask)),
+      (lambda x: losses.token_cross_entropy(x, labels), lambda x: jnp.mean(plain_nll(x)))]
+  for x in (logits, logits.astype(jnp.bfloat16)):
+    for ours, theirs in pairs:
+      want_v, want_g = jax.value_and_grad(theirs)(x)
+      got_v, got_g = jax.jit(jax.value_and_grad(ours))(x)
+      assert got_g.dtype == x.dtype
+      np.testing.assert_allclose(got_v, want_v, rtol=1e-5)
+      np.testing.assert_allclose(np.asarray(got_g, np.float32), np.asarray(want_g, np.float32), rtol=1e-4, atol=1e-6)
+  # Unmasked mean == the textbook definition.
+  p = np.exp(np.asarray(logits, np.float64) - np.max(np.asarray(logits, np.float64), -1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  want = -np.mean(np.log(np.take_along_axis(p, np.asarray(labels)[..., None], -1)))
+  np.testing.assert_allclose(losses.token_cross_entropy(logits, labels), want, rtol=1e-5)
