@@ -57,7 +57,7 @@ def tiny_calm(key, k, vocab=16, head_scale=0.3):
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
 def _naive_step(cfg, params, ae_cfg, ae_params, buf_1xT, slot, key, row_id):
-  """Full forward, no cache; two decoded head samples at chunk slot `slot`."""
+  """Full forward, no cache; two decoded head samples at chunk slot `slot` (traced: one compile)."""
   h, _ = EnergyModel(cfg).apply({"params": params}, buf_1xT, method="hidden")
   noise = generate.row_noise(key, row_id[None], 2, cfg.noise_size)
   z = EnergyModel(cfg).apply({"params": params}, h[:, slot][None], noise, method="head")
@@ -84,7 +84,8 @@ def test_calm_k2_rollout_equals_naive_loop():
     for row in range(b):
       ctx = list(np.asarray(tokens[row, :(p + 1) * k])) + list(np.asarray(pred1[row, p]))
       buf = jnp.asarray([ctx + [0] * (t - len(ctx))], jnp.int32)
-      pair = np.asarray(_naive_step(cfg, params, ae_cfg, ae_params, buf, p + 1, step_key, jnp.int32(p * b + row)))
+      pair = np.asarray(_naive_step(cfg, params, ae_cfg, ae_params, buf, jnp.int32(p + 1), step_key,
+                                      jnp.int32(p * b + row)))
       want = np.concatenate([[True, True], pair[0] == pair[1]])
       np.testing.assert_array_equal(same[row, p], want, err_msg=f"seed={seed} p={p} row={row}")
       agree.extend(pair[0] == pair[1])
