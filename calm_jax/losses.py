@@ -45,8 +45,7 @@ def token_nll(logits_xV, labels_x):
   ``g * (softmax - onehot)``, the one-hot formed by comparing against an iota
   inside it; the forward keeps the normalised exponentials it needs.
   """
-  picked = jnp.take_along_axis(logits_xV, labels_x[..., None], axis=-1)[..., 0]
-  return jax.nn.logsumexp(logits_xV, axis=-1) - picked
+  return _token_nll_fwd(logits_xV, labels_x)[0]
 
 
 def _token_nll_fwd(logits_xV, labels_x):
