@@ -56,7 +56,7 @@ class ConcatDense(nn.Module):
     da, db = a.shape[-1], b.shape[-1]
     kernel = self.param("kernel", layers.param_init(layers.normal_init(self.std), self.axes),
                         (da + db, self.features), self.param_dtype).astype(self.dtype)
-    bias = self.param("bias", layers.param_init(nn.initializers.zeros, self.axes[-1:]), (self.features,),
+    bias = self.param("bias", layers.param_init(layers.ZEROS, self.axes[-1:]), (self.features,),
                       self.param_dtype).astype(self.dtype)
     return a.astype(self.dtype) @ kernel[:da] + (b.astype(self.dtype) @ kernel[da:] + bias)
 

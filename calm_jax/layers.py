@@ -20,22 +20,71 @@ zero, norm scales one.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 from typing import Any, Sequence
 
 import flax.linen as nn
+from flax import struct
 import jax
 import jax.numpy as jnp
 
 Dtype = Any
 
 
-def param_init(init, axes: Sequence[str | None]):
-  return nn.with_logical_partitioning(init, tuple(axes))
+@dataclasses.dataclass(frozen=True)
+class Init:
+  """A parameter initialiser that says what it draws: ``N(0, std^2)``, zeros or ones.
+
+  Callable as a flax initializer ``(key, shape, dtype)``.  Because the kind is
+  data, :func:`calm_jax.models.init_params` can draw all parameters from a few
+  grouped random calls instead of one flax RNG split and draw per parameter
+  (each costs compile time: see there).
+  """
+  kind: str              # 'normal' | 'zeros' | 'ones'
+  std: float = 0.0
+
+  def __call__(self, key, shape, dtype=jnp.float32):
+    if _SHAPES_ONLY[0] or self.kind == "zeros":
+      return jnp.zeros(shape, dtype)
+    if self.kind == "ones":
+      return jnp.ones(shape, dtype)
+    return self.std * jax.random.normal(key, shape, dtype)
 
 
-def normal_init(std: float):
-  return nn.initializers.normal(stddev=std)
+ZEROS, ONES = Init("zeros"), Init("ones")
+
+# True while calm_jax.models traces a model's init for its shapes only: the initialisers then
+# skip their random draws (and flax never derives the per-parameter keys), which makes that trace
+# cheap.  Values made in this mode are placeholders; only shapes and dtypes are read.
+_SHAPES_ONLY = [False]
+
+
+@contextlib.contextmanager
+def shapes_only():
+  _SHAPES_ONLY[0], prev = True, _SHAPES_ONLY[0]
+  try:
+    yield
+  finally:
+    _SHAPES_ONLY[0] = prev
+
+
+class Param(nn.LogicallyPartitioned):
+  """flax's logical-axes box, also carrying the parameter's :class:`Init`."""
+  init: Init | None = struct.field(default=None, pytree_node=False)
+
+
+def param_init(init: Init, axes: Sequence[str | None]):
+  """``init`` wrapped to return a :class:`Param` box with logical axis names ``axes``."""
+  if not isinstance(init, Init):
+    raise TypeError(f"param_init: expected a layers.Init, got {init!r}")
+  names = tuple(axes)
+  return lambda *args, **kwargs: Param(init(*args, **kwargs), names, init=init)
+
+
+def normal_init(std: float) -> Init:
+  return Init("normal", float(std))
 
 
 def flat_matmul(x, kernel, in_axes: int = 1):
@@ -76,11 +125,11 @@ class Dense(nn.Module):
   def __call__(self, x):
     feats = (self.features,) if isinstance(self.features, int) else tuple(self.features)
     in_shape = x.shape[-self.in_axes:]
-    init = nn.initializers.zeros if self.zero_init else normal_init(self.std)
+    init = ZEROS if self.zero_init else normal_init(self.std)
     kernel = self.param("kernel", param_init(init, self.axes), in_shape + feats, self.param_dtype)
     y = flat_matmul(x.astype(self.dtype), kernel.astype(self.dtype), self.in_axes)
     if self.use_bias:
-      bias = self.param("bias", param_init(nn.initializers.zeros, self.axes[-len(feats):]), feats,
+      bias = self.param("bias", param_init(ZEROS, self.axes[-len(feats):]), feats,
                         self.param_dtype)
       y = y + bias.astype(self.dtype)
     return y
@@ -94,7 +143,7 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param("scale", param_init(nn.initializers.ones, ("norm",)), (x.shape[-1],),
+    scale = self.param("scale", param_init(ONES, ("norm",)), (x.shape[-1],),
                        self.param_dtype)
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
@@ -110,8 +159,8 @@ class LayerNorm(nn.Module):
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
-    scale = self.param("scale", param_init(nn.initializers.ones, ("norm",)), (d,), self.param_dtype)
-    bias = self.param("bias", param_init(nn.initializers.zeros, ("norm",)), (d,), self.param_dtype)
+    scale = self.param("scale", param_init(ONES, ("norm",)), (d,), self.param_dtype)
+    bias = self.param("bias", param_init(ZEROS, ("norm",)), (d,), self.param_dtype)
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
