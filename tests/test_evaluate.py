@@ -71,11 +71,14 @@ def test_calm_k2_rollout_equals_naive_loop():
   tokens = jax.random.randint(jax.random.fold_in(key, 1), (b, t), 0, 16)
   s = t // k - 1
   key_tf, key_roll = jax.random.split(jax.random.fold_in(key, 2))
-  pred1, _, _, cache = evaluate.calm_teacher_forced(cfg, ae_cfg, params, ae_params, tokens, key_tf, s + 1)
+  # Both under jit with the parameters as arguments (eager flax dispatches op by op; closed-over
+  # parameters would be compiled in as constants).
+  teacher = jax.jit(evaluate.calm_teacher_forced, static_argnums=(0, 1, 6))
+  pred1, _, _, cache = teacher(cfg, ae_cfg, params, ae_params, tokens, key_tf, s + 1)
   # pred2 = pred1: every row's first chunk agrees, so every row is rolled forward.
-  run = jax.jit(lambda c, p1: evaluate.calm_rollout_collisions(cfg, ae_cfg, params, ae_params, c, p1, p1,
-                                                               key_roll, per_block=2))
-  same = np.asarray(run(cache, pred1))                       # [B, P, 4], P = s - 2 (blocks padded)
+  run = jax.jit(lambda pa, ae, c, p1: evaluate.calm_rollout_collisions(cfg, ae_cfg, pa, ae, c, p1, p1,
+                                                                       key_roll, per_block=2))
+  same = np.asarray(run(params, ae_params, cache, pred1))   # [B, P, 4], P = s - 2 (blocks padded)
   num_starts = s - 2
   assert same.shape == (b, num_starts, 4)
   step_key = jax.random.fold_in(key_roll, 1)
