@@ -24,11 +24,11 @@ from calm_jax import memory, sharding
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 KINDS = ("autoencoder", "energy", "transformer")
-MESHES = ["8x1x1", "1x8x1", "2x2x2", "1x2x4"]
+MESHES = ["8x1x1", "1x8x1", "2x2x2"]
 # Two helper processes side by side (XLA compiles on one core each), about equally long; the
 # second also does the restore round trip, which reuses its 8x1x1 and 2x2x2 programs.
 # '+': that mesh also runs CALM's masked eval step and BrierLM's sampling.
-GROUPS = (["1x1x1+,1x8x1+"], ["8x1x1,2x2x2,1x2x4", "--restore"])
+GROUPS = (["1x1x1+,1x8x1+"], ["8x1x1,2x2x2", "--restore"])
 
 
 def helper_env() -> dict:
@@ -107,7 +107,6 @@ def test_parameters_are_actually_sharded(parity):
   # FSDP splits 'embed' over fsdp; tensor parallelism splits heads/mlp/vocab.
   specs = {m: parity["meshes"][m]["param_specs"] for m in MESHES}
   assert any("fsdp" in s for s in specs["1x8x1"])
-  assert any("tensor" in s for s in specs["1x2x4"])
   assert any("fsdp" in s for s in specs["2x2x2"]) and any("tensor" in s for s in specs["2x2x2"])
   assert specs["8x1x1"] == ["P()"]   # pure data parallel: replicated
 
