@@ -23,6 +23,14 @@ def _config(name, steps=8, **edits):
   return c
 
 
+def _one_layer(c):
+  """The baseline with one decoder layer: these tests check the loop, not the model (half the
+  tracing and compiling of a two-layer program)."""
+  with c.unlocked():
+    c.model.backbone.num_hidden_layers = 1
+  return c
+
+
 def _losses(workdir):
   return [r["train/loss"] for r in train.read_metrics(workdir) if "train/loss" in r]
 
@@ -70,7 +78,7 @@ def test_brier_settings_are_validated():
 
 
 def test_transformer_loss_decreases(tmp_path):
-  out = train.run(_config("transformer_tiny", steps=8, **{"optim.learning_rate": 3e-3}), str(tmp_path))
+  out = train.run(_one_layer(_config("transformer_tiny", steps=8, **{"optim.learning_rate": 3e-3})), str(tmp_path))
   losses = _losses(str(tmp_path))
   assert losses[-1] < losses[0] - 0.1
   assert out["eval/ce"] > 0
@@ -90,6 +98,6 @@ def test_nan_names_the_step(tmp_path, monkeypatch):
     return step
 
   monkeypatch.setattr(trainers, "make_train_step", poisoned)
-  c = _config("transformer_tiny", steps=6, **{"train.checkpoint_every": 2})
+  c = _one_layer(_config("transformer_tiny", steps=6, **{"train.checkpoint_every": 2}))
   with pytest.raises(metrics.NonFiniteError, match=r"at step 3: .*last good checkpoint: step 2"):
     train.run(c, str(tmp_path))
