@@ -26,9 +26,9 @@ import math
 from typing import Any, Sequence
 
 import flax.linen as nn
-from flax import struct
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 Dtype = Any
 
