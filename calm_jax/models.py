@@ -75,12 +75,11 @@ def init_params(cfg, key) -> Params:
   """
   boxes, treedef = jax.tree.flatten(_abstract_boxed(cfg), is_leaf=_is_box)
   groups: dict[tuple, list[int]] = {}
+  values = [None] * len(boxes)
   for i, b in enumerate(boxes):
     if b.init.kind == "normal":
       groups.setdefault((b.value.shape, b.value.dtype, b.names), []).append(i)
-  values = [None] * len(boxes)
-  for i, b in enumerate(boxes):
-    if b.init.kind != "normal":
+    else:
       values[i] = b.init(None, b.value.shape, b.value.dtype)
   for key_g, ((shape, dtype, _), idx) in zip(jax.random.split(key, max(len(groups), 1)), groups.items()):
     draw = jax.random.normal(key_g, (len(idx),) + shape, dtype)
