@@ -42,7 +42,6 @@ import optax
 
 from calm_jax import evaluate, optim, sharded_losses, sharding, trainers
 
-MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2)]
 KINDS = ("autoencoder", "energy", "transformer")
 B, T = 8, 16
 
