@@ -3,22 +3,29 @@
 XLA:CPU gives every execution of a compiled program one temporary buffer holding
 all of its intermediates (125 MB for the tiny Transformer's train step, more
 than a GB for the benchmark's medium autoencoder) and frees it when the step
-ends.  glibc serves a request that large with a fresh ``mmap`` and unmaps it on
-``free`` (from a worker thread's arena it must, above 64 MB), so every step
-touches the whole buffer again through 4 kB page faults: 32,000 faults per step
-of the tiny Transformer, 0.3-0.5 s of system time on the development VM, where
-the step computes in ~0.1 s.  Reusing a freed 128 MB buffer from a thread
-measured there: 54 ms (median 361 ms while the host was busy) with glibc's
-defaults, 19 ms (42 ms) with :data:`SETTINGS`.
+ends.  The step runs on a worker thread, whose malloc arena cannot hold a block
+above 64 MB: glibc maps it fresh with ``mmap`` and unmaps it on ``free`` (the
+thread arenas do so even with ``MALLOC_MMAP_MAX_=0``), so every step touches the
+whole buffer again through 4 kB page faults: 32,768 per reuse of a 128 MB block.
 
-:data:`SETTINGS` ask glibc to back its large blocks with transparent huge pages
-(``glibc.malloc.hugetlb=1``: 512 times fewer faults, the kernel's THP mode
-permitting) and to keep blocks below 64 MB in the heap, mapped, once freed.  One
-arena for all threads would avoid the faults altogether but serialises
-multi-threaded host code (tokenising the corpus ran 2-5x slower), so it is not
-used.  These are environment variables glibc reads when the process starts, so
+:data:`SETTINGS` give all threads the one main arena (``MALLOC_ARENA_MAX=1``),
+serve large blocks from its heap instead of ``mmap`` and never trim it, so a
+freed step buffer stays mapped for the next step: no faults on reuse.  Measured
+on a quiet 2-core AMD EPYC VM (2026-12-01, ``benchmarks/train_step.py``): the
+medium CALM train step 5.79 s with glibc's defaults -> 4.35 s, the small
+autoencoder step 0.71-0.91 -> 0.58 s.  The cost is lock contention in heavily
+multi-threaded host code: tokenising the embedded corpus took 8.0 s instead of
+3.7 s, which is why ``launch.prepare`` keeps the defaults.
+
+Transparent huge pages (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``) were the
+earlier choice (512 times fewer faults on an Intel VM whose host was stalling
+it) and are no longer set: on the EPYC VM they halved the autoencoder's speed
+(0.58 -> 1.60 s per small step; its ``[N, 8192]`` fp32 logits have 32 kB rows,
+and physically contiguous 2 MB pages map such rows onto the same cache sets).
+A user's own ``GLIBC_TUNABLES`` is passed through untouched.
+
+These are environment variables glibc reads when the process starts, so
 :func:`reexec_with_tuned_malloc` restarts the entry point once with them set.
-
 It applies only where XLA:CPU does the work (no GPU or TPU plugin installed, or
 ``JAX_PLATFORMS=cpu``) and only under glibc; ``CALM_JAX_MALLOC=system`` turns it
 off.  A variable the user set already is left as it is.
@@ -32,10 +39,10 @@ import platform
 import sys
 
 SETTINGS = {
-    "MALLOC_MMAP_MAX_": "0",                  # blocks < 64 MB come from the heap ...
-    "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1),  # ... and stay mapped for the next step
+    "MALLOC_ARENA_MAX": "1",                  # every thread allocates from the main heap ...
+    "MALLOC_MMAP_MAX_": "0",                  # ... large blocks included ...
+    "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1),  # ... and freed blocks stay mapped for the next step
 }
-TUNABLES = "glibc.malloc.hugetlb=1"           # larger blocks: madvise(MADV_HUGEPAGE)
 _MARK = "CALM_JAX_MALLOC"
 _ACCELERATOR_MODULES = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm7_plugin",
                         "jax_rocm60_plugin")
@@ -58,13 +65,10 @@ def wanted(environ=os.environ) -> bool:
 
 
 def tuned_environ(environ=os.environ) -> dict[str, str]:
-  """``environ`` plus :data:`SETTINGS` and :data:`TUNABLES` (what the user set wins) and the mark."""
+  """``environ`` plus :data:`SETTINGS` (what the user set wins) and the mark."""
   env = dict(environ)
   for k, v in SETTINGS.items():
     env.setdefault(k, v)
-  user = env.get("GLIBC_TUNABLES", "")
-  if "glibc.malloc.hugetlb" not in user:
-    env["GLIBC_TUNABLES"] = f"{user}:{TUNABLES}" if user else TUNABLES
   env[_MARK] = "tuned"
   return env
 
@@ -92,7 +96,7 @@ def shell_exports() -> str:
   if not wanted():
     return ""
   env = tuned_environ()
-  names = (*SETTINGS, "GLIBC_TUNABLES", _MARK)
+  names = (*SETTINGS, _MARK)
   return "\n".join(f"export {k}='{env[k]}'" for k in names)
 
 
