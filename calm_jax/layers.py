@@ -106,6 +106,39 @@ def flat_matmul(x, kernel, in_axes: int = 1):
   return y.reshape(lead + feats)
 
 
+@jax.custom_vjp
+def tied_logits(h_NxD, e_VxD):
+  """``h @ E^T`` for a tied output projection (``E`` the ``[V, D]`` embedding), 2-D operands.
+
+  Same value and gradients as the ``dot_general``; only the embedding's gradient
+  is computed differently.  Autodiff's ``dE = g^T h`` contracts the rows of the
+  ``[N, V]`` cotangent, a product XLA:CPU runs with the transposition folded into
+  the GEMM call at about half the machine's matmul rate (a tenth where the
+  allocator backs the cotangent with huge pages: its 4V-byte rows then collide
+  in the cache).  Here the small ``h`` is transposed instead, the product is a
+  plain ``[D, N] @ [N, V]`` GEMM, and its ``[D, V]`` result is transposed
+  after; the barriers keep XLA from folding either transpose back into the
+  product.  On a 2-core EPYC, ``N, D, V = 2048, 256, 8192``: 174 -> 108 ms.
+  """
+  return jax.lax.dot_general(h_NxD, e_VxD, (((1,), (1,)), ((), ())))
+
+
+def _tied_logits_fwd(h_NxD, e_VxD):
+  return tied_logits(h_NxD, e_VxD), (h_NxD, e_VxD)
+
+
+def _tied_logits_bwd(res, g_NxV):
+  h_NxD, e_VxD = res
+  g_NxV = g_NxV.astype(h_NxD.dtype)
+  dh = jnp.dot(g_NxV, e_VxD)
+  h_DxN = jax.lax.optimization_barrier(h_NxD.T)
+  de_DxV = jax.lax.optimization_barrier(jnp.dot(h_DxN, g_NxV))
+  return dh.astype(h_NxD.dtype), de_DxV.T.astype(e_VxD.dtype)
+
+
+tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
+
+
 class Dense(nn.Module):
   """``y = x @ W (+ b)`` over the last input axes, with logical axis names.
 
@@ -200,11 +233,11 @@ class Embed(nn.Module):
     return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
 
   def attend(self, h):
-    """Logits ``h @ E^T`` (the tied output projection)."""
+    """Logits ``h @ E^T`` (the tied output projection, :func:`tied_logits`)."""
     e = self.embedding.astype(self.dtype)
     lead = h.shape[:-1]
     h2 = h.astype(self.dtype).reshape(math.prod(lead), h.shape[-1])
-    return jax.lax.dot_general(h2, e, (((1,), (1,)), ((), ()))).reshape(lead + (e.shape[0],))
+    return tied_logits(h2, e).reshape(lead + (e.shape[0],))
 
 
 def rotary_cos_sin(positions, head_dim: int, theta: float):

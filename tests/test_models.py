@@ -244,3 +244,34 @@ def test_config_from_dict_names_unknown_and_nested_fields():
   with pytest.raises(ConfigError, match="num_encoder_layers"):
     AutoencoderConfig(num_encoder_layers=3)
   assert EnergyConfig.from_dict(EN.to_dict()) == EN
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_tied_logits_have_the_gradients_of_a_plain_product(dtype):
+  """The autoencoder's tied output projection computes the embedding's gradient through explicit
+  transposes (layers.tied_logits); its value and both gradients must be those of ``h @ E^T``, and
+  Embed.attend must apply it over any leading axes."""
+  from calm_jax import layers  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  h = jnp.asarray(rng.normal(size=(12, 5)), dtype)
+  e = jnp.asarray(rng.normal(size=(37, 5)), dtype)
+  c = jnp.asarray(rng.normal(size=(12, 37)), jnp.float32)
+
+  def grads(f):
+    return jax.jit(jax.value_and_grad(lambda h, e: jnp.sum(f(h, e).astype(jnp.float32) * c), argnums=(0, 1)))
+
+  plain = lambda h, e: jax.lax.dot_general(h, e, (((1,), (1,)), ((), ())))
+  (v0, (dh0, de0)), (v1, (dh1, de1)) = grads(plain)(h, e), grads(layers.tied_logits)(h, e)
+  tol = 1e-6 if dtype == jnp.float32 else 1e-2
+  assert dh1.dtype == h.dtype and de1.dtype == e.dtype and de1.shape == e.shape
+  np.testing.assert_allclose(v1, v0, rtol=tol)
+  np.testing.assert_allclose(np.float32(dh1), np.float32(dh0), rtol=tol, atol=tol)
+  np.testing.assert_allclose(np.float32(de1), np.float32(de0), rtol=tol, atol=tol)
+
+  h3 = jnp.asarray(rng.normal(size=(3, 4, 5)), jnp.float32)
+  e32 = jnp.float32(e)
+  c3 = c.reshape(3, 4, 37)
+  emb = layers.Embed(37, 5)
+  got = jax.jit(jax.grad(lambda e: jnp.sum(emb.apply({"params": {"embedding": e}}, h3, method="attend") * c3)))(e32)
+  want = jax.grad(lambda e: jnp.sum(jnp.einsum("btd,vd->btv", h3, e) * c3))(e32)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
