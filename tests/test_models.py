@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from calm_jax import models
+from calm_jax import layers, models
 from calm_jax.autoencoder import Autoencoder
 from calm_jax.backbone import init_cache
 from calm_jax.configs import AutoencoderConfig, ConfigError, EnergyConfig, LlamaConfig, TransformerConfig
@@ -251,7 +251,6 @@ def test_tied_logits_have_the_gradients_of_a_plain_product(dtype):
   """The autoencoder's tied output projection computes the embedding's gradient through explicit
   transposes (layers.tied_logits); its value and both gradients must be those of ``h @ E^T``, and
   Embed.attend must apply it over any leading axes."""
-  from calm_jax import layers  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   h = jnp.asarray(rng.normal(size=(12, 5)), dtype)
   e = jnp.asarray(rng.normal(size=(37, 5)), dtype)
