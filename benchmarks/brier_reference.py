@@ -52,8 +52,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from calm_jax import brier, evaluate, interop  # noqa: E402
-from calm_jax.generate import GenerationSettings, generate  # noqa: E402
+from calm_jax import interop  # noqa: E402
+from calm_jax.evaluation import brier, evaluate  # noqa: E402
+from calm_jax.generation.generate import GenerationSettings, generate  # noqa: E402
 
 DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference_brier_driver.py")
 NO_TOKEN = -1     # PAD / EOS ids outside the vocabulary: generation never stops or drops a token

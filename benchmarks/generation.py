@@ -37,9 +37,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import machine  # noqa: E402  (benchmarks/)
-from calm_jax import generate as gen  # noqa: E402
+
 from calm_jax import interop, models  # noqa: E402
 from calm_jax.configs import AutoencoderConfig, EnergyConfig, LlamaConfig, TransformerConfig  # noqa: E402
+from calm_jax.generation import generate as gen  # noqa: E402
 
 _REFERENCE_DRIVER = r"""
 import json, os, sys, time

@@ -5,7 +5,7 @@
   python benchmarks/compare.py                              # side by side with the reference
 
 A step is value_and_grad of ``calm_jax.models.*_loss_fn`` plus the reference's
-clipped AdamW (``calm_jax.xla_cost.make_train_step``), jitted once with the
+clipped AdamW (``calm_jax.cost.xla_cost.make_train_step``), jitted once with the
 state donated.  Reported: median step time over ``iters`` timed steps (after
 two untimed ones, the first compiles), tokens/s = batch x seq / step time,
 and MFU = tokens/s x ``flops.train_flops_per_token`` / the matmul peak measured
@@ -35,8 +35,9 @@ import bench_configs as bc  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from calm_jax import flops, hostmem, models, xla_cost  # noqa: E402
+from calm_jax import hostmem, models  # noqa: E402
 from calm_jax.configs import AutoencoderConfig, EnergyConfig, LlamaConfig, TransformerConfig  # noqa: E402
+from calm_jax.cost import flops, xla_cost  # noqa: E402
 
 
 def build_configs(size: str, dtype: str):

@@ -18,7 +18,7 @@ mismatch, raises :class:`InteropError` naming the key.
 Layout notes.  ``nn.Linear`` stores ``[out, in]``; our kernels are ``[in, out]``.
 Attention projections are reshaped to ``[D, heads, head_dim]`` (query/key/value)
 and ``[heads, head_dim, D]`` (output); HF rotates the two halves of each head,
-as :func:`calm_jax.layers.apply_rotary` does, so no permutation is needed.
+as :func:`calm_jax.models.layers.apply_rotary` does, so no permutation is needed.
 """
 
 from __future__ import annotations

@@ -21,8 +21,9 @@ import json
 import os
 from typing import Any, NamedTuple
 
-from calm_jax import checkpoint, interop, models
+from calm_jax import interop, models
 from calm_jax.configs import AutoencoderConfig, ConfigError, EnergyConfig, TransformerConfig
+from calm_jax.training import checkpoint
 
 _CONFIG_TYPES = {"autoencoder": AutoencoderConfig, "energy": EnergyConfig, "transformer": TransformerConfig}
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",

@@ -1,14 +1,14 @@
 """Pieces shared by the experiment families: the config skeleton and the arg parser.
 
 Every experiment is an ``ml_collections.ConfigDict`` with the fields below (the
-shared contract read by :func:`calm_jax.train.resolve`)::
+shared contract read by :func:`calm_jax.training.train.resolve`)::
 
   kind          'autoencoder' | 'energy' | 'transformer'
   model         the model dataclass as a dict (``AutoencoderConfig`` /
                 ``EnergyConfig`` / ``TransformerConfig`` ``.to_dict()``)
   ae_workdir    energy only: the stage-1 autoencoder's workdir (read-only)
   data          prepared-data directory, tokenizer, the corpus to prepare it from
-  optim         ``calm_jax.optim.OptimConfig`` fields
+  optim         ``calm_jax.training.optim.OptimConfig`` fields
   train         steps, batch, seed and the cadence of logs, evals and checkpoints
   mesh          data / fsdp / tensor device counts (-1: all remaining devices)
   sharding_rules  the logical-axis rules table, every entry overridable: name -> 'axis', 'a,b' or ''
@@ -25,8 +25,8 @@ import dataclasses
 import ml_collections
 from ml_collections import config_dict
 
-from calm_jax import sharding
-from calm_jax.optim import OptimConfig
+from calm_jax.parallel import sharding
+from calm_jax.training.optim import OptimConfig
 
 # Llama-3's 128,256 tokens plus the [PAD] the reference adds (CALM_NOTES §1.1).
 PAPER_VOCAB = 128257
@@ -98,13 +98,13 @@ def skeleton(kind: str, model: dict, *, block_length: int, mode: str, steps: int
   c.train.eval_batch_size = global_batch_size
 
   c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
-  # The whole table (calm_jax.sharding.DEFAULT_RULES as strings), so that any entry can be
+  # The whole table (calm_jax.parallel.sharding.DEFAULT_RULES as strings), so that any entry can be
   # overridden from the command line, e.g. --config.sharding_rules.mlp=fsdp,tensor.
   c.sharding_rules = ml_collections.ConfigDict(sharding.rules_config())
 
   c.eval = ml_collections.ConfigDict()
   c.eval.ae_noise_sigma = 0.3          # sigma of the Gaussian added to the latent (CALM_NOTES §1.4)
-  c.eval.brier = False                 # BrierLM during training (needs calm_jax.evaluate)
+  c.eval.brier = False                 # BrierLM during training (needs calm_jax.evaluation.evaluate)
   c.eval.block_length = 256            # BrierLM: prefix + continuation tokens
   c.eval.num_blocks = 64
   c.eval.temperature = 1.0

@@ -4,7 +4,7 @@
   python -m launch.compare_cost --models=calm_l_k1,calm_l_k2,calm_l_k4,calm_l_k8,transformer_l
   python -m launch.compare_cost --models=calm_m,transformer_s --tokens=1e11 --breakdown
 
-Model names are those of ``calm_jax.flops.paper_configs()``.  The counting
+Model names are those of ``calm_jax.cost.flops.paper_configs()``.  The counting
 convention is in docs/FLOPS.md; ``--paper`` adds the paper's numbers and our
 residual against each.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from calm_jax import flops
+from calm_jax.cost import flops
 
 _MODELS = flags.DEFINE_list("models", list(flops.PAPER_TABLE1), "Model names from flops.paper_configs().")
 _TOKENS = flags.DEFINE_float("tokens", flops.PAPER_TOKENS, "Training token budget.")

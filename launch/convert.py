@@ -34,7 +34,9 @@ _FORMAT = flags.DEFINE_enum("format", "safetensors", ["safetensors", "bin"], "Ex
 def import_reference(src, dst, kind="auto", ae_src=None, tokenizer=None):
   """Reference folder -> calm_jax workdir(s).  Returns the list of workdirs written."""
   import jax.numpy as jnp  # noqa: F401  (jax before orbax)
-  from calm_jax import checkpoint, interop, metrics
+
+  from calm_jax import interop
+  from calm_jax.training import checkpoint, metrics
 
   if os.path.exists(os.path.join(dst, "checkpoints")):
     raise interop.InteropError(f"{dst}: already holds checkpoints; choose another --dst (nothing overwritten)")

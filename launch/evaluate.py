@@ -84,7 +84,7 @@ def _mesh():
   """A data-parallel mesh over --devices devices, or None for one device."""
   import jax  # pylint: disable=import-outside-toplevel
 
-  from calm_jax import sharding  # pylint: disable=import-outside-toplevel
+  from calm_jax.parallel import sharding  # pylint: disable=import-outside-toplevel
   n = _DEVICES.value or jax.device_count()
   if n < 1 or n > jax.device_count():
     raise ValueError(f"--devices={_DEVICES.value}: this machine has {jax.device_count()} devices")
@@ -98,8 +98,9 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   import jax  # pylint: disable=import-outside-toplevel
 
-  from calm_jax import evaluate, loading, plots  # pylint: disable=import-outside-toplevel
+  from calm_jax import loading  # pylint: disable=import-outside-toplevel
   from calm_jax.data import DataError  # pylint: disable=import-outside-toplevel
+  from calm_jax.evaluation import evaluate, plots  # pylint: disable=import-outside-toplevel
 
   try:
     trained = loading.load_trained(_WORKDIR.value, _STEP.value)

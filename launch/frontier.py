@@ -4,7 +4,7 @@
   python -m launch.frontier --workdirs=/runs/calm_k1,/runs/tf_s --out=/tmp/frontier
 
 Reads each workdir's config.json, metrics.jsonl and eval JSON
-(``calm_jax.frontier``); prints the table of runs and writes OUT.png, OUT.svg.
+(``calm_jax.evaluation.frontier``); prints the table of runs and writes OUT.png, OUT.svg.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 
 from absl import app, flags
 
-from calm_jax import frontier
+from calm_jax.evaluation import frontier
 
 _ROOT = flags.DEFINE_string("root", None, "Sweep root: every workdir below it is read.")
 _WORKDIRS = flags.DEFINE_list("workdirs", [], "Explicit workdirs (instead of, or with, --root).")

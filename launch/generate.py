@@ -55,7 +55,8 @@ def main(argv: list[str]) -> None:
   import jax  # pylint: disable=import-outside-toplevel
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
 
-  from calm_jax import generate, loading  # pylint: disable=import-outside-toplevel
+  from calm_jax import loading  # pylint: disable=import-outside-toplevel
+  from calm_jax.generation import generate  # pylint: disable=import-outside-toplevel
 
   try:
     prompts = _prompts()

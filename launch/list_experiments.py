@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from absl import app
 
-from calm_jax import models, train
+from calm_jax import models
+from calm_jax.training import train
 from experiments import registry
 
 

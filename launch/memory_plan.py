@@ -12,8 +12,8 @@
 
 ``--experiment`` takes a name of ``experiments/registry.py`` (its model,
 global batch, block length, remat policy and grad accumulation are the
-defaults) or, when the registry is unavailable, a ``calm_jax.flops.paper_configs()``
-name.  The numbers are explained in :mod:`calm_jax.memory`.
+defaults) or, when the registry is unavailable, a ``calm_jax.cost.flops.paper_configs()``
+name.  The numbers are explained in :mod:`calm_jax.cost.memory`.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def main(argv=None) -> int:
 
     jax.config.update("jax_num_cpu_devices", args.devices)
 
-  from calm_jax import memory, sharding
+  from calm_jax.cost import memory
+  from calm_jax.parallel import sharding
 
   try:
     model = memory.resolve_experiment(args.experiment)

@@ -3,7 +3,7 @@
   python -m launch.quickstart                 # workdirs under ./runs/quickstart
   python -m launch.quickstart --root=/tmp/qs  # elsewhere
 
-Stages (each a plain ``calm_jax.train.run`` of a registry experiment; running the
+Stages (each a plain ``calm_jax.training.train.run`` of a registry experiment; running the
 command again resumes an interrupted stage and only re-evaluates finished ones):
 
   1. the embedded corpus (Python's own documentation) and a 1024-token BPE,
@@ -38,7 +38,8 @@ def _autoencoder_table(workdir: str, data_dir: str) -> dict:
   """Reconstruction accuracy at latent noise sigma in {0, .1, .2, .3, .5} on 512 held-out blocks."""
   import jax  # pylint: disable=import-outside-toplevel
 
-  from calm_jax import data, evaluate, loading  # pylint: disable=import-outside-toplevel
+  from calm_jax import data, loading  # pylint: disable=import-outside-toplevel
+  from calm_jax.evaluation import evaluate  # pylint: disable=import-outside-toplevel
 
   trained = loading.load_trained(workdir)
   _, pad_id = loading.special_ids(trained)
@@ -52,7 +53,8 @@ def _autoencoder_table(workdir: str, data_dir: str) -> dict:
 def _continuations(workdir: str, prompts: list[str]) -> list[str]:
   import jax  # pylint: disable=import-outside-toplevel
 
-  from calm_jax import generate, loading  # pylint: disable=import-outside-toplevel
+  from calm_jax import loading  # pylint: disable=import-outside-toplevel
+  from calm_jax.generation import generate  # pylint: disable=import-outside-toplevel
 
   trained = loading.load_trained(workdir)
   settings = generate.GenerationSettings(max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value)
@@ -66,7 +68,7 @@ def _continuations(workdir: str, prompts: list[str]) -> list[str]:
 def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)   # orbax's INFO lines would bury the progress bars
-  from calm_jax import train  # pylint: disable=import-outside-toplevel
+  from calm_jax.training import train  # pylint: disable=import-outside-toplevel
   from experiments import registry  # pylint: disable=import-outside-toplevel
 
   root = os.path.abspath(_ROOT.value)

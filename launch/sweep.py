@@ -3,10 +3,10 @@
   python -m launch.sweep --sweep=frontier_tiny --root=runs/frontier_tiny
   python -m launch.sweep --sweep=frontier_tiny --root=/tmp/ft --steps_scale=0.25   # a quicker, rougher plot
 
-Each run trains in ``ROOT/<name>`` with ``calm_jax.train.run`` (so a sweep that
+Each run trains in ``ROOT/<name>`` with ``calm_jax.training.train.run`` (so a sweep that
 is started again resumes its unfinished run and skips the finished ones, whose
 last checkpoint is at ``train.steps``), in the sweep's order: autoencoders
-before the CALM runs that read them.  Then ``calm_jax.frontier`` plots BrierLM
+before the CALM runs that read them.  Then ``calm_jax.evaluation.frontier`` plots BrierLM
 against training FLOPs into ``ROOT/frontier.png`` and ``.svg``.
 """
 
@@ -39,7 +39,8 @@ def scale_steps(config, scale: float) -> None:
 def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)
-  from calm_jax import frontier, train  # pylint: disable=import-outside-toplevel
+  from calm_jax.evaluation import frontier  # pylint: disable=import-outside-toplevel
+  from calm_jax.training import train  # pylint: disable=import-outside-toplevel
   from experiments import registry  # pylint: disable=import-outside-toplevel
 
   if _STEPS_SCALE.value <= 0:

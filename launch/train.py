@@ -32,12 +32,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config, checkpoi
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from calm_jax import sharding  # pylint: disable=import-outside-toplevel
+  from calm_jax.parallel import sharding  # pylint: disable=import-outside-toplevel
 
   # Before anything touches a device.
   sharding.initialize_distributed()
-  from calm_jax import checkpoint, train  # pylint: disable=import-outside-toplevel
   from calm_jax.data import DataError  # pylint: disable=import-outside-toplevel
+  from calm_jax.training import checkpoint, train  # pylint: disable=import-outside-toplevel
 
   if _CONFIG.value is None:
     sys.exit("error: --config: required (e.g. --config=experiments/autoencoder.py:tiny)")

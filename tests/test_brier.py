@@ -1,4 +1,4 @@
-"""Tests for calm_jax.brier: exact edge cases, reference slicing, and unbiasedness
+"""Tests for calm_jax.evaluation.brier: exact edge cases, reference slicing, and unbiasedness
 of every estimator against the exact Brier-n of small Markov "models".
 
 Seeds are fresh each run; statistical checks allow 5 standard errors, so a
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from calm_jax import brier
+from calm_jax.evaluation import brier
 
 Z_MAX = 5.0
 

@@ -1,4 +1,4 @@
-"""Tests for calm_jax.checkpoint: roundtrip, retention, resume order, corruption, SIGTERM, data state."""
+"""Tests for calm_jax.training.checkpoint: roundtrip, retention, resume order, corruption, SIGTERM, data state."""
 
 import logging
 import os
@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from calm_jax import checkpoint as ck
+from calm_jax.training import checkpoint as ck
 
 
 def _state(offset=0.0):
@@ -89,7 +89,7 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, caplog, corrupt):
       c.maybe_save(s, _state(s))
   corrupt(directory / "3")
   with (
-    caplog.at_level(logging.WARNING, logger="calm_jax.checkpoint"),
+    caplog.at_level(logging.WARNING, logger="calm_jax.training.checkpoint"),
     ck.Checkpointer(directory, save_interval_steps=1, max_to_keep=3) as c,
   ):
     restored = c.restore(_abstract())

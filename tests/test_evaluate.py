@@ -1,4 +1,4 @@
-"""Tests for calm_jax.evaluate: the model-facing BrierLM and autoencoder evaluation.
+"""Tests for calm_jax.evaluation.evaluate: the model-facing BrierLM and autoencoder evaluation.
 
 * CALM K = 2: the batched, blocked KV-cache rollout equals a naive per-(start,
   row) loop that recomputes the full forward without a cache.
@@ -16,11 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from calm_jax import brier, evaluate, generate, models
-from calm_jax.autoencoder import Autoencoder
+from calm_jax import models
 from calm_jax.configs import AutoencoderConfig, EnergyConfig, LlamaConfig, TransformerConfig
-from calm_jax.energy import EnergyModel
-from calm_jax.transformer import TransformerLM
+from calm_jax.evaluation import brier, evaluate
+from calm_jax.generation import generate
+from calm_jax.models.autoencoder import Autoencoder
+from calm_jax.models.calm import EnergyModel
+from calm_jax.models.transformer import TransformerLM
 
 Z_MAX = 5.0
 

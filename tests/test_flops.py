@@ -1,12 +1,12 @@
-"""Tests for calm_jax.flops: parameter counts, Table 1 reproduction, structural sanity, peak/MFU."""
+"""Tests for calm_jax.cost.flops: parameter counts, Table 1 reproduction, structural sanity, peak/MFU."""
 
 import math
 
 import numpy as np
 import pytest
 
-from calm_jax import flops
 from calm_jax.configs import AutoencoderConfig, EnergyConfig, LlamaConfig, TransformerConfig
+from calm_jax.cost import flops
 
 # A tiny config with GQA and every dimension distinct, so a swapped factor shows.
 _BB = LlamaConfig(vocab_size=37, hidden_size=24, intermediate_size=40, num_hidden_layers=3,

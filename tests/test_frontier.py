@@ -5,8 +5,9 @@ import os
 
 import pytest
 
-from calm_jax import flops, frontier
 from calm_jax.configs import AutoencoderConfig, EnergyConfig
+from calm_jax.cost import flops
+from calm_jax.evaluation import frontier
 from experiments import frontier as sweep
 
 

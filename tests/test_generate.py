@@ -1,4 +1,4 @@
-"""Tests for calm_jax.generate: the cached, batched, jitted loop against a naive
+"""Tests for calm_jax.generation.generate: the cached, batched, jitted loop against a naive
 per-row loop that recomputes the full forward (no cache, no padding) every step.
 
 Tiny random models; the energy head's zero-initialised last layer is replaced by
@@ -13,12 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from calm_jax import generate as gen
 from calm_jax import models
-from calm_jax.autoencoder import Autoencoder
 from calm_jax.configs import AutoencoderConfig, EnergyConfig, LlamaConfig, TransformerConfig
-from calm_jax.energy import EnergyModel
-from calm_jax.transformer import TransformerLM
+from calm_jax.generation import generate as gen
+from calm_jax.models.autoencoder import Autoencoder
+from calm_jax.models.calm import EnergyModel
+from calm_jax.models.transformer import TransformerLM
 
 V, EOS, PAD = 24, 0, 23  # EOS = 0: the rigged decoder below emits only id 0
 

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from calm_jax import losses
 from calm_jax.configs import AutoencoderConfig, ConfigError
+from calm_jax.models import losses
 
 # Jitted: eager JAX compiles every operation of the loss separately (slow on a loaded CPU).
 energy_score = jax.jit(losses.energy_score, static_argnums=(2, 3), static_argnames=("beta", "pairwise"))

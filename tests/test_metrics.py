@@ -1,4 +1,4 @@
-"""Tests for calm_jax.metrics: JSON lines, TensorBoard, deferred fetching, NaN detection."""
+"""Tests for calm_jax.training.metrics: JSON lines, TensorBoard, deferred fetching, NaN detection."""
 
 import dataclasses
 import io
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from calm_jax import metrics
+from calm_jax.training import metrics
 
 
 def test_metric_writer_jsonl_and_tensorboard(tmp_path):

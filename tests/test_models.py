@@ -7,12 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from calm_jax import layers, models
-from calm_jax.autoencoder import Autoencoder
-from calm_jax.backbone import init_cache
+from calm_jax import models
 from calm_jax.configs import AutoencoderConfig, ConfigError, EnergyConfig, LlamaConfig, TransformerConfig
-from calm_jax.energy import EnergyModel, sample_noise
-from calm_jax.transformer import TransformerLM
+from calm_jax.models import layers
+from calm_jax.models.autoencoder import Autoencoder
+from calm_jax.models.backbone import init_cache
+from calm_jax.models.calm import EnergyModel, sample_noise
+from calm_jax.models.transformer import TransformerLM
 
 V, K = 53, 4
 

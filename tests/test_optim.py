@@ -1,4 +1,4 @@
-"""Tests for calm_jax.optim: decay mask, clipping, schedules, accumulation, freezing."""
+"""Tests for calm_jax.training.optim: decay mask, clipping, schedules, accumulation, freezing."""
 
 import math
 
@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from calm_jax import optim
+from calm_jax.training import optim
 
 
 class _Block(nn.Module):

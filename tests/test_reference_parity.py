@@ -19,10 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from calm_jax import interop, losses
-from calm_jax.autoencoder import Autoencoder
-from calm_jax.energy import EnergyModel
-from calm_jax.transformer import TransformerLM
+from calm_jax import interop
+from calm_jax.models import losses
+from calm_jax.models.autoencoder import Autoencoder
+from calm_jax.models.calm import EnergyModel
+from calm_jax.models.transformer import TransformerLM
 
 REF_DIR = os.environ.get("CALM_REFERENCE_DIR")
 REF_PY = os.environ.get("CALM_REFERENCE_PYTHON", sys.executable)

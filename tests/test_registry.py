@@ -3,8 +3,9 @@
 import jax
 import pytest
 
-from calm_jax import models, train
+from calm_jax import models
 from calm_jax.configs import ConfigError
+from calm_jax.training import train
 from experiments import registry
 
 

@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent("""
     import os, signal, sys
-    from calm_jax import metrics, train
+    from calm_jax.training import metrics, train
     from experiments import registry
     workdir, kill_at = sys.argv[1], int(sys.argv[2])
     if kill_at >= 0:
@@ -38,7 +38,8 @@ def _run(workdir, kill_at):
 
 def _final_params(workdir):
   import jax
-  from calm_jax import checkpoint
+
+  from calm_jax.training import checkpoint
   steps = sorted(int(p) for p in os.listdir(os.path.join(workdir, "checkpoints")) if p.isdigit())
   assert steps[-1] == 10
   path = os.path.join(workdir, "checkpoints", "10")
@@ -47,7 +48,8 @@ def _final_params(workdir):
 
 
 def _abstract(path):
-  from calm_jax import models, train
+  from calm_jax import models
+  from calm_jax.training import train
   from experiments import registry
   c = registry.get_config("transformer_tiny")
   with c.unlocked():

@@ -1,4 +1,4 @@
-"""Tests for calm_jax.sampling: distributions checked against P^(1/T) by chi-square.
+"""Tests for calm_jax.generation.sampling: distributions checked against P^(1/T) by chi-square.
 
 Seeds are fresh each run (printed on failure).  Thresholds are p > 1e-4 with a
 few thousand samples: a correct sampler essentially never fails, while a wrong
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from calm_jax import sampling
+from calm_jax.generation import sampling
 
 P_VALUE_MIN = 1e-4
 PROBS = np.array([0.4, 0.3, 0.2, 0.1])

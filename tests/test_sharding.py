@@ -19,7 +19,8 @@ import jax
 import numpy as np
 import pytest
 
-from calm_jax import memory, sharding
+from calm_jax.cost import memory
+from calm_jax.parallel import sharding
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -177,7 +178,7 @@ def test_bad_mesh_and_rules_name_the_config_key():
 
 
 def test_memory_plan_verdicts_for_calm_xl():
-  from calm_jax import flops
+  from calm_jax.cost import flops
 
   kind, cfg, ae = flops.paper_configs()["calm_xl"]
   cfg = cfg.replace(backbone=cfg.backbone.replace(dtype="bfloat16", remat_policy="dots"))

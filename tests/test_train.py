@@ -2,7 +2,7 @@
 
 import pytest
 
-from calm_jax import metrics, train, trainers
+from calm_jax.training import metrics, train, trainers
 from experiments import registry
 
 

@@ -1,4 +1,4 @@
-"""XLA's cost analysis of the compiled/lowered steps against the analytic counts (calm_jax.xla_cost).
+"""XLA's cost analysis of the compiled/lowered steps against the analytic counts (calm_jax.cost.xla_cost).
 
 Tiny configs with every dimension distinct.  The traced matmuls must equal the
 analytic matmul count exactly (same formulas, adjusted to the compiled
@@ -10,8 +10,8 @@ slow test, CALM's train step on the compiled executable.
 
 import pytest
 
-from calm_jax import xla_cost
 from calm_jax.configs import AutoencoderConfig, EnergyConfig, LlamaConfig, TransformerConfig
+from calm_jax.cost import xla_cost
 
 _BB = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128)

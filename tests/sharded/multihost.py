@@ -38,7 +38,10 @@ else:
 
 import jax
 
-from calm_jax import checkpoint, data, evaluate, metrics, optim, sharding, trainers
+from calm_jax import data
+from calm_jax.evaluation import evaluate
+from calm_jax.parallel import sharding
+from calm_jax.training import checkpoint, metrics, optim, trainers
 
 STEPS, BATCH = 3, 8
 

@@ -40,7 +40,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from calm_jax import evaluate, optim, sharded_losses, sharding, trainers
+from calm_jax.evaluation import evaluate
+from calm_jax.parallel import sharded_losses, sharding
+from calm_jax.training import optim, trainers
 
 KINDS = ("autoencoder", "energy", "transformer")
 B, T = 8, 16
@@ -145,7 +147,7 @@ def main(out_dir: str, mesh_names: list[str], restore: bool):
   # ----------------------------------------------------------------- restore onto another mesh
   import orbax.checkpoint as ocp
 
-  from calm_jax import checkpoint  # orbax and grain: only this process pays for their import
+  from calm_jax.training import checkpoint  # orbax and grain: only this process pays for their import
 
   # On (8,1,1) every array is replicated 8 times, and orbax's replica-parallel save compiles one
   # slice program per array shape per device (~100 tiny compiles: half a minute here).  Test-only:

@@ -24,7 +24,7 @@ out in ``docs/FLOPS.md``) is the one that reproduces the paper's Table 1
   on the hidden state alone counts once per position (``head_convention``
   ``factored``, the default: model FLOPs, the least an exact implementation
   needs, and the best fit to Table 1).  ``shared_cond`` counts what
-  ``calm_jax.energy`` executes today, ``reference`` what the PyTorch code does.
+  ``calm_jax.models.calm`` executes today, ``reference`` what the PyTorch code does.
 
 All per-token numbers are per *token*, whatever the model kind, so CALM and
 the baseline compare directly.
@@ -225,7 +225,7 @@ def head_flops_per_position(cfg: EnergyConfig, num_samples: int,
   ``reference``    everything per sample: the PyTorch reference repeats the
                    hidden state N times before the head.
   ``shared_cond``  the hidden state's projection (d x d) once per position,
-                   broadcast over the samples: what ``calm_jax.energy.EnergyHead``
+                   broadcast over the samples: what ``calm_jax.models.calm.EnergyHead``
                    computes.
   ``factored``     every matmul that depends on the hidden state alone once per
                    position: the projection and, in each block, the conditioning

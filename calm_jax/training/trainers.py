@@ -34,9 +34,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from calm_jax import models, optim, sharded_losses
-from calm_jax.autoencoder import Autoencoder
+from calm_jax import models
 from calm_jax.configs import AutoencoderConfig
+from calm_jax.models.autoencoder import Autoencoder
+from calm_jax.parallel import sharded_losses
+from calm_jax.training import optim
 
 PyTree = Any
 State = dict[str, Any]
@@ -57,7 +59,7 @@ def loss_fn(kind: str, cfg, ae_cfg: AutoencoderConfig | None = None, mesh=None) 
   """``f(params, tokens_BxT, key, ae_params) -> (loss, metrics)`` for a kind (training mode).
 
   With a ``mesh``, CALM's energy loss draws and compares its samples per device
-  under ``jax.shard_map`` (:func:`calm_jax.sharded_losses.sharded_energy_loss_fn`).
+  under ``jax.shard_map`` (:func:`calm_jax.parallel.sharded_losses.sharded_energy_loss_fn`).
   """
   if kind == "autoencoder":
     return lambda p, tokens, key, ae_params: models.autoencoder_loss_fn(cfg, p, tokens, key, train=True)

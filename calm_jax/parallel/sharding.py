@@ -28,7 +28,7 @@ explicitly, the default changed between JAX versions): the model code carries
 no sharding-in-types annotations, so XLA's propagation places activations from
 the parameter and batch shardings plus the constraints of :func:`constrain`.
 ``jax.shard_map`` is used where per-device work is the point
-(:mod:`calm_jax.sharded_losses`).
+(:mod:`calm_jax.parallel.sharded_losses`).
 """
 
 from __future__ import annotations

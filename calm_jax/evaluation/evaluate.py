@@ -1,6 +1,6 @@
 """BrierLM of CALM and the baseline on eval blocks, and the autoencoder's robustness.
 
-The per-position estimators live in :mod:`calm_jax.brier`; this module runs the
+The per-position estimators live in :mod:`calm_jax.evaluation.brier`; this module runs the
 models that feed them, all jitted once per block shape:
 
   CALM, K >= 4   one teacher-forced pass; the first two head samples at each chunk
@@ -40,14 +40,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from calm_jax import brier, sharded_losses
-from calm_jax.autoencoder import Autoencoder
-from calm_jax.backbone import init_cache
 from calm_jax.configs import dtype_of
-from calm_jax.energy import EnergyModel
-from calm_jax.generate import row_noise
-from calm_jax.sharding import BATCH_AXES, batch_divisor, put_batch
-from calm_jax.transformer import TransformerLM
+from calm_jax.evaluation import brier
+from calm_jax.generation.generate import row_noise
+from calm_jax.models.autoencoder import Autoencoder
+from calm_jax.models.backbone import init_cache
+from calm_jax.models.calm import EnergyModel
+from calm_jax.models.transformer import TransformerLM
+from calm_jax.parallel import sharded_losses
+from calm_jax.parallel.sharding import BATCH_AXES, batch_divisor, put_batch
 
 ESTIMATORS = ("lowvar", "plain", "both")
 AE_SIGMAS = (0.0, 0.1, 0.2, 0.3, 0.5)

@@ -14,7 +14,6 @@ import jax.numpy as jnp
 
 from calm_jax.configs import AutoencoderConfig, check_beta
 
-
 # --------------------------------------------------------------------------- autoencoder
 
 
@@ -79,7 +78,7 @@ def token_cross_entropy(logits_xV, labels_x, mask_x=None):
 def autoencoder_loss(outputs, labels_BxT, cfg: AutoencoderConfig, train: bool = True):
   """The reference's AE objective.
 
-  ``outputs`` is the dict returned by :class:`calm_jax.autoencoder.Autoencoder`.
+  ``outputs`` is the dict returned by :class:`calm_jax.models.autoencoder.Autoencoder`.
   Training: ``K * mean CE + kl_weight * clamped KL`` (K * token-mean CE is the
   per-chunk sum of Eq. 1).  Evaluation: the plain mean CE, as the reference.
   Returns ``(loss, metrics)``.

@@ -27,8 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from calm_jax import layers
 from calm_jax.configs import LlamaConfig, dtype_of
+from calm_jax.models import layers
 
 Cache = dict[str, Any]
 

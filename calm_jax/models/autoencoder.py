@@ -17,8 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from calm_jax import layers
 from calm_jax.configs import AutoencoderConfig, dtype_of
+from calm_jax.models import layers
 
 
 class AELayer(nn.Module):

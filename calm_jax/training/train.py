@@ -37,10 +37,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from calm_jax import checkpoint, metrics, models, sharding, trainers
 from calm_jax import data as data_lib
+from calm_jax import models
 from calm_jax.configs import AutoencoderConfig, ConfigError, EnergyConfig, TransformerConfig
-from calm_jax.optim import OptimConfig
+from calm_jax.parallel import sharding
+from calm_jax.training import checkpoint, metrics, trainers
+from calm_jax.training.optim import OptimConfig
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +261,7 @@ def _check_eval(kind: str, model, data: DataSettings, evals: EvalSettings) -> No
   if data.block_length % evals.block_length:
     raise ConfigError(f"eval.block_length: {evals.block_length} does not divide data.block_length="
                       f"{data.block_length} (BrierLM evaluates pieces of the held-out blocks)")
-  from calm_jax import evaluate as evaluate_lib  # pylint: disable=import-outside-toplevel
+  from calm_jax.evaluation import evaluate as evaluate_lib  # pylint: disable=import-outside-toplevel
   try:
     evaluate_lib.check_block_length(kind, model, evals.block_length)
   except ValueError as e:
@@ -379,7 +381,7 @@ def evaluate_brierlm(exp: Experiment, params, ae_params, key, mesh=None) -> dict
   """
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  from calm_jax import evaluate as evaluate_lib  # pylint: disable=import-outside-toplevel
+  from calm_jax.evaluation import evaluate as evaluate_lib  # pylint: disable=import-outside-toplevel
 
   pieces = exp.data.block_length // exp.eval.block_length
   rows = max(1, -(-exp.train.eval_batch_size // pieces))   # source blocks per batch
@@ -409,8 +411,8 @@ def evaluate_brierlm(exp: Experiment, params, ae_params, key, mesh=None) -> dict
 
 
 def train_flops_per_token(exp: Experiment) -> float:
-  """Model FLOPs per trained token (``calm_jax.flops``, the 'factored' convention)."""
-  from calm_jax import flops  # pylint: disable=import-outside-toplevel
+  """Model FLOPs per trained token (``calm_jax.cost.flops``, the 'factored' convention)."""
+  from calm_jax.cost import flops  # pylint: disable=import-outside-toplevel
   context = None
   if exp.kind == "energy":
     context = exp.data.block_length // exp.model.patch_size
@@ -421,7 +423,7 @@ def train_flops_per_token(exp: Experiment) -> float:
 
 def peak_flops(exp: Experiment) -> tuple[float, str]:
   """Peak FLOP/s of all devices together, and where the number comes from."""
-  from calm_jax import flops  # pylint: disable=import-outside-toplevel
+  from calm_jax.cost import flops  # pylint: disable=import-outside-toplevel
   n = jax.device_count()
   if exp.train.peak_flops_per_device > 0:
     return exp.train.peak_flops_per_device * n, "train.peak_flops_per_device"

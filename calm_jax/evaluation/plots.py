@@ -28,7 +28,7 @@ def save(fig, path: str) -> str:
 def plot_ae_robustness(result: dict[str, Any], path: str, title: str = "Autoencoder robustness") -> str:
   """Token and chunk reconstruction accuracy against latent noise sigma.
 
-  ``result`` is ``calm_jax.evaluate.evaluate_autoencoder``'s output; numeric
+  ``result`` is ``calm_jax.evaluation.evaluate.evaluate_autoencoder``'s output; numeric
   sigmas are drawn as lines, the 'posterior' row (if any) as dashed levels.
   """
   plt = _pyplot()

@@ -1,7 +1,7 @@
 """Building blocks shared by every calm_jax model.
 
 Every parameter is created through :func:`param_init`, which attaches logical
-axis names (see :mod:`calm_jax.sharding` for the table that maps them onto a
+axis names (see :mod:`calm_jax.parallel.sharding` for the table that maps them onto a
 device mesh).  Logical axes used by the models:
 
   vocab      vocabulary rows of an embedding or LM head

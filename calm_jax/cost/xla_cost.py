@@ -1,4 +1,4 @@
-"""Cross-checks the analytic FLOPs of :mod:`calm_jax.flops` against XLA's cost analysis.
+"""Cross-checks the analytic FLOPs of :mod:`calm_jax.cost.flops` against XLA's cost analysis.
 
 Three counts of the same compiled step:
 
@@ -9,7 +9,7 @@ Three counts of the same compiled step:
                 2·M·N·K each: the traced matmul count, to separate the matmuls
                 from the elementwise rest.
   ``analytic``  :func:`expected_train_flops` / :func:`expected_decode_flops`:
-                the per-token counts of :mod:`calm_jax.flops` turned into the
+                the per-token counts of :mod:`calm_jax.cost.flops` turned into the
                 program actually compiled (see below) plus a coarse model of
                 the elementwise work.
 
@@ -19,7 +19,7 @@ What the analytic count is adjusted for (docs/FLOPS.md, "XLA cross-check"):
   * attention at the *compiled* context: the full T x T (or S-1 squared) score
     matrix in training, the whole cache capacity when decoding, as the
     masked einsum attention computes it;
-  * the head as ``calm_jax.energy`` executes it (``EXECUTED_HEAD_CONVENTION``),
+  * the head as ``calm_jax.models.calm`` executes it (``EXECUTED_HEAD_CONVENTION``),
     without the noise embedding's input gradient (the noise
     is not differentiated);
   * the energy loss's N x M Gram matmul (forward and input gradient);
@@ -44,14 +44,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from calm_jax import flops, models, optim
-from calm_jax.autoencoder import Autoencoder
-from calm_jax.backbone import init_cache
+from calm_jax import models
 from calm_jax.configs import AutoencoderConfig, EnergyConfig, TransformerConfig
-from calm_jax.energy import EnergyModel, sample_noise
-from calm_jax.transformer import TransformerLM
+from calm_jax.cost import flops
+from calm_jax.models.autoencoder import Autoencoder
+from calm_jax.models.backbone import init_cache
+from calm_jax.models.calm import EnergyModel, sample_noise
+from calm_jax.models.transformer import TransformerLM
+from calm_jax.training import optim
 
-# How calm_jax.energy.EnergyHead runs its N samples (flops.head_flops_per_position):
+# How calm_jax.models.calm.EnergyHead runs its N samples (flops.head_flops_per_position):
 # linear_0 is split (ConcatDense), so the conditioning half runs once per position.
 EXECUTED_HEAD_CONVENTION = "factored"
 

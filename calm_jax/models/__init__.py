@@ -1,13 +1,13 @@
 """Model construction, parameter initialisation and the per-model loss functions.
 
 The three model kinds:
-  ``autoencoder``  :class:`calm_jax.autoencoder.Autoencoder`   (AutoencoderConfig)
-  ``energy``       :class:`calm_jax.energy.EnergyModel`         (EnergyConfig)
-  ``transformer``  :class:`calm_jax.transformer.TransformerLM`  (TransformerConfig)
+  ``autoencoder``  :class:`calm_jax.models.autoencoder.Autoencoder`   (AutoencoderConfig)
+  ``energy``       :class:`calm_jax.models.calm.EnergyModel`         (EnergyConfig)
+  ``transformer``  :class:`calm_jax.models.transformer.TransformerLM`  (TransformerConfig)
 
 Parameters are plain pytrees of arrays (``init_params`` strips flax's
 partitioning boxes); their logical axis names come from ``logical_axes`` and
-are mapped onto a mesh by :mod:`calm_jax.sharding`.  Loss functions are pure:
+are mapped onto a mesh by :mod:`calm_jax.parallel.sharding`.  Loss functions are pure:
 ``(params, batch, key) -> (loss, metrics)``.
 """
 
@@ -20,11 +20,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from calm_jax import layers, losses
-from calm_jax.autoencoder import Autoencoder
 from calm_jax.configs import AutoencoderConfig, EnergyConfig, TransformerConfig
-from calm_jax.energy import EnergyModel, sample_noise
-from calm_jax.transformer import TransformerLM
+from calm_jax.models import layers, losses
+from calm_jax.models.autoencoder import Autoencoder
+from calm_jax.models.calm import EnergyModel, sample_noise
+from calm_jax.models.transformer import TransformerLM
 
 KINDS = ("autoencoder", "energy", "transformer")
 Params = Any
@@ -91,8 +91,8 @@ def init_params(cfg, key) -> Params:
 @functools.lru_cache(maxsize=32)
 def _abstract_boxed(cfg):
   """The boxed abstract init of a (frozen, hashable) config: shapes, dtypes, logical axes and
-  initialisers (:class:`calm_jax.layers.Param`).  One trace per config and process, with the
-  initialisers' draws skipped (:func:`calm_jax.layers.shapes_only`)."""
+  initialisers (:class:`calm_jax.models.layers.Param`).  One trace per config and process, with the
+  initialisers' draws skipped (:func:`calm_jax.models.layers.shapes_only`)."""
   with layers.shapes_only():
     return jax.eval_shape(lambda k: _boxed_init(cfg, k), jax.random.key(0))
 

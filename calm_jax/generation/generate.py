@@ -20,7 +20,7 @@ row_ids[b])``, so a prompt's continuation does not depend on its batch
 companions (at T = 1, and for the baseline at any T); ``row_ids`` default to
 0..B-1.
 
-Temperature.  CALM: ``calm_jax.sampling.sample_chunk`` with ``method``
+Temperature.  CALM: ``calm_jax.generation.sampling.sample_chunk`` with ``method``
 'rejection' (exact, T = 1/n), 'two_stage' (exact, any T in (0, 1]) or 'batch'
 (the paper's approximation with ``num_candidates`` draws); rows where an exact
 sampler hit ``max_attempts`` are counted in ``Generation.capped``.  Baseline:
@@ -42,11 +42,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from calm_jax import sampling
-from calm_jax.autoencoder import Autoencoder
-from calm_jax.backbone import init_cache
-from calm_jax.energy import EnergyModel, sample_noise
-from calm_jax.transformer import TransformerLM
+from calm_jax.generation import sampling
+from calm_jax.models.autoencoder import Autoencoder
+from calm_jax.models.backbone import init_cache
+from calm_jax.models.calm import EnergyModel, sample_noise
+from calm_jax.models.transformer import TransformerLM
 
 PROMPT_PADDINGS = ("left", "end")
 

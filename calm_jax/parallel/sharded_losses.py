@@ -13,7 +13,7 @@ their hidden states, and only two reduced scalars per device (the masked loss
 sum and the position count) cross devices, via ``psum``.  The backbone and the
 frozen autoencoder's encoder run outside, under the usual sharding
 propagation, with parameters sharded by the rules table
-(:mod:`calm_jax.sharding`); the ``tensor`` axis stays automatic inside the
+(:mod:`calm_jax.parallel.sharding`); the ``tensor`` axis stays automatic inside the
 shard_map, so the head can stay tensor-parallel.
 
 Randomness is per *row*, not per device: row ``r`` of the global batch draws
@@ -31,11 +31,13 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from calm_jax import brier, losses, models
-from calm_jax.autoencoder import Autoencoder
+from calm_jax import models
 from calm_jax.configs import AutoencoderConfig, EnergyConfig
-from calm_jax.energy import EnergyHead, EnergyModel, sample_noise
-from calm_jax.sharding import BATCH_AXES
+from calm_jax.evaluation import brier
+from calm_jax.models import losses
+from calm_jax.models.autoencoder import Autoencoder
+from calm_jax.models.calm import EnergyHead, EnergyModel, sample_noise
+from calm_jax.parallel.sharding import BATCH_AXES
 
 
 def row_keys(key, rows_B):
@@ -70,7 +72,7 @@ def sharded_energy_loss_fn(cfg: EnergyConfig, ae_cfg: AutoencoderConfig, mesh, p
 
   Returns ``loss_fn(params, ae_params, tokens_BxT, key, mask_BxT=None) -> (loss, metrics)``,
   to be called inside ``jit`` with the batch sharded by
-  :func:`calm_jax.sharding.batch_sharding` (B divisible by data*fsdp).  The loss
+  :func:`calm_jax.parallel.sharding.batch_sharding` (B divisible by data*fsdp).  The loss
   is the masked mean over positions of the negative energy score, as in
   ``models.energy_loss_fn``; randomness is per row (module docstring).
   """
@@ -161,18 +163,18 @@ def sharded_calm_brier_rows_fn(cfg: EnergyConfig, ae_cfg: AutoencoderConfig, mes
 
   Returns ``fn(params, ae_params, tokens_BxT, key) -> sums_Bx4``: each row's sum
   over its S - 1 predicted chunk positions (divide by S - 1, or feed
-  :meth:`calm_jax.brier.BrierAccumulator.update_rows`).  At every chunk
+  :meth:`calm_jax.evaluation.brier.BrierAccumulator.update_rows`).  At every chunk
   position two head samples are drawn on the device that holds the position's
   hidden state (:func:`sharded_head_samples_fn`, noise per global row), decoded
   by the frozen autoencoder and argmaxed there; only the per-row sums leave
   the device (the output is sharded over the batch).  The backbone runs
   outside the shard_map under the rules table's parameter shardings.  K < 4
-  needs an autoregressive rollout (``calm_jax.evaluate``) and is refused here.
+  needs an autoregressive rollout (``calm_jax.evaluation.evaluate``) and is refused here.
   """
   k = cfg.patch_size
   if k < brier.MAX_N:
     raise ValueError(f"sharded_calm_brier_rows_fn: model.patch_size={k} < {brier.MAX_N} needs a rollout "
-                     "(calm_jax.evaluate.evaluate_brier)")
+                     "(calm_jax.evaluation.evaluate.evaluate_brier)")
   sample = sharded_head_samples_fn(cfg, mesh, 2)
   spec = P(BATCH_AXES)
 

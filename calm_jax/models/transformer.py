@@ -8,9 +8,9 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from calm_jax import layers
-from calm_jax.backbone import Cache, LlamaModel
 from calm_jax.configs import TransformerConfig, dtype_of
+from calm_jax.models import layers
+from calm_jax.models.backbone import Cache, LlamaModel
 
 
 class TransformerLM(nn.Module):

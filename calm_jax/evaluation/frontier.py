@@ -1,8 +1,8 @@
 """The quality-vs-compute frontier of finished runs (the paper's K-ablation figure, Fig. 4).
 
 Reads training workdirs (layout (b): ``config.json``, ``metrics.jsonl``, and
-optionally an evaluation JSON written by ``calm_jax.evaluate.write_json``),
-computes each run's training FLOPs from its config with :mod:`calm_jax.flops`,
+optionally an evaluation JSON written by ``calm_jax.evaluation.evaluate.write_json``),
+computes each run's training FLOPs from its config with :mod:`calm_jax.cost.flops`,
 and plots quality against FLOPs: CALM runs joined per K, the Transformer
 baselines joined as one curve, as in the paper.
 
@@ -24,8 +24,8 @@ import json
 import os
 from typing import Any, Sequence
 
-from calm_jax import flops
 from calm_jax.configs import AutoencoderConfig, EnergyConfig, TransformerConfig
+from calm_jax.cost import flops
 
 KIND_LABELS = {"energy": "CALM", "transformer": "Transformer"}
 

@@ -22,9 +22,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from calm_jax import layers
-from calm_jax.backbone import Cache, LlamaModel
 from calm_jax.configs import EnergyConfig, dtype_of
+from calm_jax.models import layers
+from calm_jax.models.backbone import Cache, LlamaModel
 
 
 def _kw(cfg: EnergyConfig):

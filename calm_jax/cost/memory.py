@@ -6,7 +6,7 @@ length, remat policy, gradient accumulation, dtypes), :func:`plan` adds up per
 device:
 
   params       every parameter's shard under the rules table
-               (:func:`calm_jax.sharding.logical_to_spec`), in ``param_dtype``;
+               (:func:`calm_jax.parallel.sharding.logical_to_spec`), in ``param_dtype``;
   frozen AE    CALM's frozen autoencoder, sharded by the same rules (no grads,
                no optimiser state);
   optimizer    Adam's mu and nu, fp32 (8 bytes per parameter), sharded like
@@ -74,8 +74,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from calm_jax import models, sharding
+from calm_jax import models
 from calm_jax.configs import AutoencoderConfig, EnergyConfig, LlamaConfig, TransformerConfig
+from calm_jax.parallel import sharding
 
 GB = 1e9
 GIB = 2**30
@@ -330,13 +331,14 @@ def compiled_memory(kind: str, cfg, mesh, workload: Workload, ae_cfg: Autoencode
   Nothing is allocated: state and batch are ShapeDtypeStructs.  The step is
   the trainer's (loss and gradients over ``grad_accum`` micro-batches with
   ``optim.accumulate_gradients``, then the AdamW update, state donated), with
-  CALM's loss :func:`calm_jax.sharded_losses.sharded_energy_loss_fn`.
+  CALM's loss :func:`calm_jax.parallel.sharded_losses.sharded_energy_loss_fn`.
   Returns the ``CompiledMemoryStats`` (per device; ``None`` where the backend
   has no memory analysis).
   """
   import optax
 
-  from calm_jax import optim, sharded_losses
+  from calm_jax.parallel import sharded_losses
+  from calm_jax.training import optim
 
   bb = _backbone(cfg)
   if bb is not None and workload.remat_policy and workload.remat_policy != bb.remat_policy:
@@ -411,7 +413,7 @@ class ModelSpec:
 def resolve_experiment(name: str) -> ModelSpec:
   """A registry experiment (``experiments/registry.py``) or, failing that, a paper config.
 
-  Paper configs (``calm_jax.flops.paper_configs``) get the paper's recipe: 256
+  Paper configs (``calm_jax.cost.flops.paper_configs``) get the paper's recipe: 256
   blocks of 8192 tokens (2048 for the AE), bf16 compute with ``dots`` remat
   [assumed: the registry's CALM setting].  Raises KeyError naming the known names.
   """
@@ -428,14 +430,14 @@ def resolve_experiment(name: str) -> ModelSpec:
     cfg = cls.from_dict(c.model.to_dict(), "model")
     ae_cfg = None
     if kind == "energy":  # the registry names the AE by workdir; take the same-K paper autoencoder
-      from calm_jax import flops
+      from calm_jax.cost import flops
 
       ae_cfg = flops.default_autoencoder(cfg)
     rules = sharding.rules_from_config(c.sharding_rules.to_dict() if "sharding_rules" in c else None)
     accum = int(c.optim.get("grad_accum_steps", 1))
     return ModelSpec(kind, cfg, ae_cfg, int(c.train.global_batch_size), int(c.data.block_length), accum, rules,
                      f"registry {registry.spec(name)}")
-  from calm_jax import flops
+  from calm_jax.cost import flops
 
   papers = flops.paper_configs()
   if name not in papers:

@@ -1,0 +1,1 @@
+"""Cost: parameter and FLOPs accounting, XLA cost cross-checks, the memory plan."""

@@ -1,0 +1,1 @@
+"""Evaluation: BrierLM, autoencoder reconstruction, the quality-vs-compute frontier and plots."""

@@ -1,0 +1,1 @@
+"""Generation: temperature sampling (exact, two-stage, batch) and the cached decode loop."""

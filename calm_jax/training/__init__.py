@@ -1,0 +1,1 @@
+"""Training: the loop, the per-model trainers, AdamW as the reference, checkpoints, metrics."""
