@@ -66,7 +66,7 @@ def test_non_finite_raises_one_step_late_naming_step_and_checkpoint():
     11, {"train/loss": jnp.float32(jnp.nan), "train/gnorm": jnp.float32(1.0)}, last_good_checkpoint=10
   ) == (10, {"train/loss": 1.0})
   # ... but fetching it, when step 12 is pushed, does.
-  expected = r"step 11: train/loss=nan \(last good checkpoint: step 10\)"
+  expected = r"step 11: train/loss=nan \(last finite checkpoint: step 10; nothing non-finite was saved\)"
   with pytest.raises(metrics.NonFiniteError, match=expected) as e:
     d.push(12, {"train/loss": jnp.float32(0.5)})
   assert e.value.step == 11 and e.value.last_good_checkpoint == 10

@@ -171,6 +171,12 @@ def prepare(source_spec, out_dir: str, tokenizer: TextTokenizer | str | None, bl
     raise
   for w in writers.values():
     w.close()
+  stats = {s: packers[s].finish() for s in SPLITS}
+  if not stats["train"].blocks:
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    t = stats["train"]
+    raise DataError(f"{source.description}: gives no training block ({t.documents} documents, "
+                    f"{t.document_tokens} tokens; a block holds {block_length}): nothing written")
 
   manifest = {
       "format": FORMAT,
@@ -193,8 +199,7 @@ def prepare(source_spec, out_dir: str, tokenizer: TextTokenizer | str | None, bl
       "splits": {},
   }
   for s in SPLITS:
-    stats = dataclasses.asdict(packers[s].finish())
-    manifest["splits"][s] = {**stats, "shards": writers[s].shards}
+    manifest["splits"][s] = {**dataclasses.asdict(stats[s]), "shards": writers[s].shards}
   with open(os.path.join(tmp_dir, MANIFEST), "w", encoding="utf-8") as f:
     json.dump(manifest, f, indent=2, sort_keys=True)
   if os.path.exists(out_dir):
