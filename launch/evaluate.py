@@ -12,8 +12,8 @@
 --data is a prepared directory (``manifest.json``; --split picks the split) or a
 source spec / text / JSON-lines file, which is tokenised with the model's own
 tokenizer into a temporary prepared directory first.  --block_length defaults
-to config.eval.block_length (reference: 8192 tokens for CALM, 2048 for the
-baseline); the value used is written into the result.  A block longer than
+to a prepared directory's block length, else to config.eval.block_length
+(reference: 8192 tokens for CALM, 2048 for the baseline); the value used is written into the result.  A block longer than
 the model's context (``model.backbone.max_position_embeddings``; for CALM in
 chunks of K tokens) is refused.  Results are printed and written as JSON,
 by default ``<workdir>/eval/<name>_<step>_<data>_T<block length>.json``
@@ -169,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     _check_flags(fv)
   import jax  # pylint: disable=import-outside-toplevel
 
+  from calm_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   from calm_jax import loading  # pylint: disable=import-outside-toplevel
   from calm_jax.data import DataError  # pylint: disable=import-outside-toplevel
   from calm_jax.evaluation import evaluate, plots  # pylint: disable=import-outside-toplevel
@@ -176,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
   with cli.errors(loading.LoadError, DataError, ValueError):
     trained = loading.load_trained(fv.workdir, fv.step)
     block_length = fv.block_length
+    if block_length is None and os.path.isfile(os.path.join(fv.data, "manifest.json")):
+      block_length = data_lib.load_manifest(fv.data)["block_length"]   # prepared data: its own length
     if trained.kind != "autoencoder":   # the autoencoder is context-free: any prepared block length
       block_length = block_length or _default_block_length(trained)
       check_context(trained, block_length)

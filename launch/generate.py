@@ -76,6 +76,13 @@ def _check_flags(fv) -> None:
   cli.check_dir_arg("workdir", fv.workdir)
 
 
+def _validate(settings, kind: str) -> None:
+  try:
+    settings.validate(kind)
+  except ValueError as e:
+    raise cli.UsageError(f"--temperature/--method: {e}") from None
+
+
 def fit_context(kind: str, cfg, prompts_ids: list, max_new_tokens: int, long_prompts: str) -> list:
   """The prompts' token ids, checked (or cut from the left) so that prompt + new tokens fit the context.
 
@@ -125,11 +132,11 @@ def main(argv: list[str] | None = None) -> None:
     settings = generate.GenerationSettings(fv.max_new_tokens, fv.temperature, fv.method, fv.num_candidates,
                                            fv.max_attempts, fv.prompt_padding, fv.steps_per_call)
     if kind is not None:
-      settings.validate(kind)   # before the parameters are read
+      _validate(settings, kind)   # before the parameters are read
     trained = loading.load_trained(fv.workdir, fv.step)
     if trained.kind not in ("energy", "transformer"):
       raise cli.UsageError(f"--workdir: {fv.workdir} holds a {trained.kind!r} model, which does not generate text")
-    settings.validate(trained.kind)
+    _validate(settings, trained.kind)
     if trained.tokenizer is None:
       raise cli.UsageError(f"--workdir: {fv.workdir} has no tokenizer.json to encode the prompts with")
     eos_id, pad_id = loading.special_ids(trained)

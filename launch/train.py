@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
   config = cli.config_value(fv)
   if config is None:
     cli.fail("--config: required (e.g. --config=experiments/autoencoder.py:tiny)")
-  cli.check_dir_arg("workdir", fv.workdir, must_exist=False)
+  with cli.errors():
+    cli.check_dir_arg("workdir", fv.workdir, must_exist=False)
 
   from calm_jax.parallel import sharding  # pylint: disable=import-outside-toplevel
 

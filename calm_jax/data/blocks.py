@@ -101,7 +101,7 @@ def prepare(source_spec, out_dir: str, tokenizer: TextTokenizer | str | None, bl
     encode_batch_size: documents per ``encode_batch`` call.
     max_documents: stop after this many documents of ``source_spec`` (for smoke runs).
     overwrite: replace an existing prepared directory.
-    progress: show a tqdm bar.
+    progress: show a tqdm bar (on a terminal only: none in logs and pipes).
 
   Returns:
     The manifest dict (also written as ``out_dir/manifest.json``).
@@ -136,7 +136,7 @@ def prepare(source_spec, out_dir: str, tokenizer: TextTokenizer | str | None, bl
   writers = {s: _ShardWriter(tmp_dir, s, blocks_per_shard) for s in SPLITS}
 
   def consume(src: sources_lib.Source, docs: Iterator, split_of, total: int | None, desc: str) -> None:
-    with tqdm.tqdm(total=total, desc=desc, unit=" docs", disable=not progress,
+    with tqdm.tqdm(total=total, desc=desc, unit=" docs", disable=None if progress else True,
                    dynamic_ncols=True) as bar:
       for batch in _batched(docs, encode_batch_size):
         texts = [(i, d) for i, d in enumerate(batch) if isinstance(d, str)]

@@ -337,12 +337,14 @@ def check_workdir(workdir: str, config_dict: Mapping) -> dict | None:
     raise ConfigError(f"workdir: {path} is not a calm_jax config (a JSON object)")
   kind = config_dict.get("kind")
   if saved.get("kind") != kind:
-    raise ConfigError(f"workdir: {workdir} holds a {saved.get('kind')!r} run, not a {kind!r} one; choose "
-                      "another workdir (nothing was written)")
+    held = saved.get("kind")
+    raise ConfigError(f"workdir: {workdir} holds {'an' if str(held)[:1] in 'aeiou' else 'a'} {held!r} run, not "
+                      f"{'an' if str(kind)[:1] in 'aeiou' else 'a'} {kind!r} one; choose another workdir (nothing "
+                      "was written)")
   ours = json.loads(json.dumps(dict(config_dict).get("model", {}), default=str))
   diff = _first_difference(saved.get("model", {}), ours, "model")
   if diff:
-    raise ConfigError(f"workdir: {workdir} holds a {kind!r} run of another model: {diff}; choose another "
+    raise ConfigError(f"workdir: {workdir} holds a run of another model: {diff}; choose another "
                       "workdir (nothing was written)")
   return saved
 
