@@ -141,19 +141,20 @@ def _quiet_closed_event_loops() -> None:
   """
   if getattr(sys.unraisablehook, "_calm_jax", False):
     return
-  previous_unraisable, previous_thread = sys.unraisablehook, threading.excepthook
-
-  def unraisable(u):
-    if not _is_closed_loop_error(u.exc_value):
-      previous_unraisable(u)
-
-  def thread(args):
-    if not _is_closed_loop_error(args.exc_value):
-      previous_thread(args)
-
-  unraisable._calm_jax = True
-  sys.unraisablehook, threading.excepthook = unraisable, thread
+  sys.unraisablehook = _drop_closed_loop_errors(sys.unraisablehook)
+  threading.excepthook = _drop_closed_loop_errors(threading.excepthook)
   logging.getLogger("asyncio").addFilter(_ClosedLoopFilter())
+
+
+def _drop_closed_loop_errors(previous: Callable) -> Callable:
+  """A ``sys.unraisablehook`` / ``threading.excepthook`` passing all but that error on to ``previous``."""
+
+  def hook(info):
+    if not _is_closed_loop_error(info.exc_value):
+      previous(info)
+
+  hook._calm_jax = True
+  return hook
 
 
 _quiet_closed_event_loops()
@@ -303,18 +304,24 @@ class Checkpointer:
     return step not in self._mngr.all_steps() and bool(self._mngr.should_save(step))
 
   # -- saving
-  def maybe_save(self, step: int, state: PyTree, data_iter: Any = None, *, force: bool = False) -> bool:
+  def maybe_save(self, step: int, state: PyTree, data_iter: Any = None, *, force: bool = False,
+                 check_finite: bool = True) -> bool:
     """Save if the interval (or a preemption, or ``force``) says so; True if a save started.
 
     ``data_iter``'s position is captured before this returns, so the loop may
     advance it at once.  A step that is already saved is not saved again
-    (e.g. a final save right after an interval save).
+    (e.g. a final save right after an interval save).  A state holding NaN or
+    Inf is never saved (``check_finite``: :class:`CheckpointError`; pass False
+    only when the caller has just checked), so that keeping the newest
+    ``max_to_keep`` steps never deletes the last finite one.
     """
     step = int(step)
     if step in self._mngr.all_steps():
       return False
     if not force and not self._mngr.should_save(step):
       return False
+    if check_finite and not all_finite(state):
+      raise CheckpointError(f"step {step}: the state holds NaN or Inf; not saved in {self.directory}")
     items = {STATE: ocp.args.StandardSave(state)}
     if data_iter is not None:
       if _is_grain_iterator(data_iter):
@@ -327,9 +334,9 @@ class Checkpointer:
       items[CONFIG] = ocp.args.JsonSave(self._config)
     return bool(self._mngr.save(step, args=ocp.args.Composite(**items), force=True))
 
-  def save_final(self, step: int, state: PyTree, data_iter: Any = None) -> None:
+  def save_final(self, step: int, state: PyTree, data_iter: Any = None, *, check_finite: bool = True) -> None:
     """Save unconditionally (unless this step is saved already) and wait until it is on disk."""
-    self.maybe_save(step, state, data_iter, force=True)
+    self.maybe_save(step, state, data_iter, force=True, check_finite=check_finite)
     self.wait()
 
   def wait(self) -> None:

@@ -699,9 +699,9 @@ def _train(exp: Experiment, workdir: str, mesh, rules, saved_config: dict | None
                                    ckpt.latest_step())
     writer.sync()   # every row up to `done` is on disk before checkpoint `done` is
     if final:
-      ckpt.save_final(done, state, train_it)
+      ckpt.save_final(done, state, train_it, check_finite=False)
     else:
-      ckpt.maybe_save(done, state, train_it, force=True)
+      ckpt.maybe_save(done, state, train_it, force=True, check_finite=False)
 
   try:
     for step in range(start, total):
