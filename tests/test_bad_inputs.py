@@ -265,7 +265,7 @@ def test_help_works_on_every_command(world, capfd, command):
   for flag in ("--help", "--helpfull"):
     code, out, err = _call(command, [flag], world, capfd)
     assert code == 0 and "Traceback" not in err, err
-    assert "--verbose" in out and f"launch.{command}" in out
+    assert "--[no]verbose:" in out and f"launch.{command}" in out
 
 
 def test_prompt_cut_from_the_left_with_one_warning(capfd):
