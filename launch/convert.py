@@ -126,6 +126,12 @@ def main(argv: list[str] | None = None) -> None:
   from calm_jax.configs import ConfigError  # pylint: disable=import-outside-toplevel
   from calm_jax.data import DataError  # pylint: disable=import-outside-toplevel
   with cli.errors(interop.InteropError, ConfigError, loading.LoadError, DataError, FileNotFoundError):
+    if fv.tokenizer:
+      from calm_jax import data  # pylint: disable=import-outside-toplevel
+      try:
+        data.load_tokenizer(fv.tokenizer)   # before anything is written
+      except DataError as e:
+        raise cli.UsageError(f"--tokenizer: {e}") from None
     if fv.direction == "import":
       for w in import_reference(fv.src, fv.dst, fv.kind, fv.ae_src, fv.tokenizer):
         print(f"wrote {w}")

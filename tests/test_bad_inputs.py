@@ -145,6 +145,12 @@ CASES = [
      "data.block_length: 256 in the config, but"),
     # --- train: the workdir
     (T, [TF_TINY, "--workdir={afile_txt}"], "is a file, not a directory"),
+    (T, [TF_TINY, "--workdir="], "--workdir: required"),
+    (T, [TF_TINY, "--config.data.tokenizer=/nonexistent/tok", "--workdir={new}"], "data.tokenizer: /nonexistent/tok"),
+    (T, [TF_TINY, "--config.data.auto_prepare=False", "--config.data.dir={afile_txt}", "--workdir={new}"],
+     "data.dir: "),
+    (T, [TF_TINY, "--config.train.global_batch_size=7", "--config.optim.grad_accum_steps=2", "--workdir={new}"],
+     "optim.grad_accum_steps: 2 does not divide"),
     (T, [TF_TINY, "--workdir={ae}"], "holds an 'autoencoder' run, not a 'transformer' one"),
     (T, [AE_TINY, "--workdir={calm}"], "holds an 'energy' run, not an 'autoencoder' one"),
     (T, [TF_TINY, "--workdir={tf}"], "run of another model: model.backbone."),
@@ -173,6 +179,8 @@ CASES = [
     (P, [*PREP, "--block_length=abc"], "--block_length=abc"),
     (P, [PREP[0], "--tokenizer=/nonexistent/tok", *PREP[2:]], "/nonexistent/tok: no such tokenizer file"),
     (P, [PREP[0], "--vocab_size=100", *PREP[2:]], "--vocab_size: 100 is too small"),
+    (P, [PREP[0], "--tokenizer={afile_txt}", *PREP[2:]], "not a tokenizers JSON file"),
+    (P, ["--source=default:bogus", *PREP[1:]], "the default corpus has splits train|valid"),
     (P, [*PREP[:-1], "--out_dir={lm16}"], "already holds a prepared data set"),
     (P, [*PREP[:-1], "--out_dir={afile_txt}"], "--out_dir: "),
     (P, [*PREP[:-1], "--out_dir={calm}"], "is not empty"),
@@ -193,6 +201,8 @@ CASES = [
     (E, ["--workdir={calm}", "--data={lm16}", "--split=bogus"], "--split: "),   # block length: the data's
     (E, ["--workdir={calm}", "--data={lm16}", "--block_length=32"], "prepared with block_length=16"),
     (E, ["--workdir={calm}", "--data={valid_txt}", "--batch_size=0"], "--batch_size: must be >= 1"),
+    (E, ["--workdir={calm}", "--data={valid_txt}", "--step=-1"], "--step: must be >= 0"),
+    (E, ["--workdir={calm}", "--data={afile_txt}.xyz", "--block_length=16"], "--data: "),
     (E, ["--workdir={calm}", "--data={valid_txt}", "--num_blocks=-1"], "--num_blocks: must be >= 0"),
     (E, ["--workdir={calm}", "--data={valid_txt}", "--step=99"], "no step 99"),
     (E, ["--workdir={calm}", "--data={valid_txt}", "--estimator=bad"], "--estimator=bad"),
@@ -213,6 +223,9 @@ CASES = [
     (G, ["--workdir=/nonexistent/run", "--prompt=w1"], "/nonexistent/run: no such directory"),
     (G, ["--workdir={calm}", "--prompt=w1", "--step=7"], "no step 7"),
     (G, ["--workdir={calm}", "--prompt=w1", "--batch_size=0"], "--batch_size: must be >= 1"),
+    (G, ["--workdir={calm}", "--prompt= "], "--prompt: a prompt is empty"),
+    (G, ["--workdir={calm}", "--prompts_file={empty_dir}"], "--prompts_file: "),
+    (G, ["--workdir={calm}", "--prompt=w1", "--num_candidates=0"], "--num_candidates: must be >= 1"),
     (G, ["--workdir={calm}", "--prompt={long_prompt}", "--max_new_tokens=16"], "prompt 1 has 300 tokens"),
     (G, ["--workdir={tf}", "--prompt=w1", "--max_new_tokens=64"], "--max_new_tokens: 64 leaves no room"),
     # --- convert
@@ -230,6 +243,8 @@ CASES = [
     (C, ["--direction=bogus", "--src={calm_hf}", "--dst={new}"], "--direction=bogus"),
     (C, ["--src={calm_hf}", "--dst={calm_hf}"], "--dst: "),
     (C, ["--src={calm_hf}", "--dst={new}", "--kind=transformer"], "missing key"),
+    (C, ["--src={calm_hf}", "--dst={new}", "--tokenizer=/nonexistent/tok"], "--tokenizer: /nonexistent/tok"),
+    (C, ["--src={calm_hf}", "--dst={new}", "--ae_src=/nonexistent/ae"], "--ae_src: /nonexistent/ae"),
 ]
 
 

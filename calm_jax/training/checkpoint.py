@@ -376,14 +376,16 @@ class Checkpointer:
       try:
         state, config = self._restore_step(s, target, data_iter)
       except Exception as err:  # noqa: BLE001 - any unreadable file; the error is reported below
-        reason = _one_line(err)
-        log.warning("checkpoint %s is unreadable (%s); trying the previous one", self.step_dir(s), reason)
-        failed.append((s, reason))
+        failed.append((s, _one_line(err)))
         continue
       if check_finite and not all_finite(state):
-        log.warning("checkpoint %s holds NaN or Inf values; trying the previous one", self.step_dir(s))
         nonfinite.append(s)
         continue
+      # Warnings only when an older step took over; if none does, the one error below says it all.
+      for f, reason in failed:
+        log.warning("checkpoint %s is unreadable (%s); using step %d", self.step_dir(f), reason, s)
+      for f in nonfinite:
+        log.warning("checkpoint %s holds NaN or Inf values; using step %d", self.step_dir(f), s)
       if failed:
         self._move_aside([f for f, _ in failed])
       if nonfinite:

@@ -376,7 +376,11 @@ def follow_data_vocab(config, overridden: Sequence[str] = ()) -> str | None:
   if data.get("dir") and os.path.isfile(manifest):
     vocab, source = data_lib.load_manifest(data.dir)["vocab_size"], f"{data.dir}'s tokenizer"
   elif data.get("tokenizer"):
-    vocab, source = data_lib.load_tokenizer(data.tokenizer).vocab_size, f"data.tokenizer={data.tokenizer}"
+    try:
+      vocab = data_lib.load_tokenizer(data.tokenizer).vocab_size
+    except data_lib.DataError as e:
+      raise data_lib.DataError(f"data.tokenizer: {e}") from None
+    source = f"data.tokenizer={data.tokenizer}"
   elif "vocab_size" in data:
     vocab, source = data.vocab_size, "data.vocab_size"
   else:
@@ -445,7 +449,10 @@ def check_data(exp: Experiment, manifest: dict) -> data_lib.TextTokenizer:
     field = "model.backbone.vocab_size" if exp.kind != "autoencoder" else "model.vocab_size"
     mismatch(field, exp.vocab_size, manifest["vocab_size"])
   if d.tokenizer:
-    tok = data_lib.load_tokenizer(d.tokenizer)
+    try:
+      tok = data_lib.load_tokenizer(d.tokenizer)
+    except data_lib.DataError as e:
+      raise data_lib.DataError(f"data.tokenizer: {e}") from None
     if tok.fingerprint != manifest["tokenizer_fingerprint"]:
       raise data_lib.DataError(f"data.tokenizer: {d.tokenizer} (fingerprint {tok.fingerprint[:12]}) is not "
                                f"the tokenizer {src} was prepared with "
