@@ -22,7 +22,6 @@ so is an empty or missing --src.  Exit status: 0 done, 2 bad input (one line
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import flags
 
@@ -30,7 +29,7 @@ from launch import cli
 
 
 def _define(fv: flags.FlagValues) -> None:
-  d = dict(flag_values=fv)
+  d = {"flag_values": fv}
   flags.DEFINE_enum("direction", "import", ["import", "export"], "import: reference -> calm_jax.", **d)
   flags.DEFINE_string("src", None, "Source folder (reference folder or calm_jax workdir).", **d)
   flags.DEFINE_string("dst", None, "Destination folder (new or empty).", **d)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import tempfile
 
 from absl import flags
@@ -43,7 +42,7 @@ from launch import cli
 
 
 def _define(fv: flags.FlagValues) -> None:
-  d = dict(flag_values=fv)
+  d = {"flag_values": fv}
   flags.DEFINE_string("workdir", None, "Training workdir or reference HF model folder.", required=True, **d)
   flags.DEFINE_string("data", None, "Prepared data dir, or a source spec / file to prepare.", required=True, **d)
   flags.DEFINE_string("split", "valid", "Split of a prepared dir (prepared-on-the-fly data: 'train').", **d)

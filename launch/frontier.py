@@ -17,7 +17,7 @@ from launch import cli
 
 
 def _define(fv: flags.FlagValues) -> None:
-  d = dict(flag_values=fv)
+  d = {"flag_values": fv}
   flags.DEFINE_string("root", None, "Sweep root: every workdir below it is read.", **d)
   flags.DEFINE_list("workdirs", [], "Explicit workdirs (instead of, or with, --root).", **d)
   flags.DEFINE_string("out", None, "Output prefix (default: ROOT/frontier or ./frontier).", **d)

@@ -31,7 +31,7 @@ from launch import cli
 
 
 def _define(fv: flags.FlagValues) -> None:
-  d = dict(flag_values=fv)
+  d = {"flag_values": fv}
   flags.DEFINE_string("workdir", None, "Training workdir or reference HF model folder.", required=True, **d)
   flags.DEFINE_multi_string("prompt", None, "A prompt (repeatable).", **d)
   flags.DEFINE_string("prompts_file", None, "A text file, one prompt per line.", **d)

@@ -33,7 +33,7 @@ from launch import cli
 
 
 def _define(fv: flags.FlagValues) -> None:
-  d = dict(flag_values=fv)
+  d = {"flag_values": fv}
   flags.DEFINE_multi_string("source", None, "Source spec(s), read in order.", required=True, **d)
   flags.DEFINE_multi_string("valid_source", None, "Explicit validation source(s); overrides --valid_fraction.",
                             **d)

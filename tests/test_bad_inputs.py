@@ -296,9 +296,8 @@ def test_prompt_cut_from_the_left_with_one_warning(capfd):
 
 
 def test_vocabulary_follows_the_prepared_data(world):
-  from experiments import registry
-
   from calm_jax.training import train
+  from experiments import registry
   c = registry.get_config("transformer_tiny")
   with c.unlocked():
     c.data.dir = world["lm16"]

@@ -2,7 +2,6 @@
 and its metrics.jsonl holds the uninterrupted run's rows, each step once (timing fields aside)."""
 
 import json
-
 import os
 import subprocess
 import sys
