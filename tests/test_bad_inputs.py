@@ -146,6 +146,7 @@ CASES = [
     # --- train: the workdir
     (T, [TF_TINY, "--workdir={afile_txt}"], "is a file, not a directory"),
     (T, [TF_TINY, "--workdir="], "--workdir: required"),
+    (T, [TF_TINY, "--config.data.dir={stray}", "--workdir={new}"], "data.dir: {stray}: is not empty and not a prepared"),
     (T, [TF_TINY, "--config.data.tokenizer=/nonexistent/tok", "--workdir={new}"], "data.tokenizer: /nonexistent/tok"),
     (T, [TF_TINY, "--config.data.auto_prepare=False", "--config.data.dir={afile_txt}", "--workdir={new}"],
      "data.dir: "),

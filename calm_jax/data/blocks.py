@@ -121,6 +121,7 @@ def prepare(source_spec, out_dir: str, tokenizer: TextTokenizer | str | None, bl
 
   if os.path.exists(os.path.join(out_dir, MANIFEST)) and not overwrite:
     raise DataError(f"{out_dir}: already holds a prepared data set (pass overwrite=True)")
+  check_out_dir(out_dir)
   # Build in a sibling temp dir and rename at the end, so a crash never leaves a
   # directory that looks complete.
   tmp_dir = out_dir.rstrip("/") + ".incomplete"
@@ -206,6 +207,15 @@ def prepare(source_spec, out_dir: str, tokenizer: TextTokenizer | str | None, bl
     shutil.rmtree(out_dir)
   os.replace(tmp_dir, out_dir)
   return manifest
+
+
+def check_out_dir(out_dir: str) -> None:
+  """DataError unless ``out_dir`` is new, empty or a prepared data set: ``prepare`` replaces only those."""
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise DataError(f"{out_dir}: is a file, not a directory; nothing written")
+  if os.path.isdir(out_dir) and not os.path.isfile(os.path.join(out_dir, MANIFEST)) and os.listdir(out_dir):
+    raise DataError(f"{out_dir}: is not empty and not a prepared data set (no {MANIFEST}); choose a new or "
+                    "empty directory (nothing written)")
 
 
 def load_manifest(data_dir: str) -> dict[str, Any]:

@@ -408,6 +408,10 @@ def prepare_data(exp: Experiment) -> dict:
   d = exp.data
   path = os.path.join(d.dir, data_lib.blocks.MANIFEST) if d.dir else ""
   if d.dir and not os.path.isfile(path) and d.auto_prepare:
+    try:
+      data_lib.blocks.check_out_dir(d.dir)   # auto-prepare replaces nothing but a prepared data set
+    except data_lib.DataError as e:
+      raise data_lib.DataError(f"data.dir: {e}") from None
     if jax.process_count() > 1:
       raise data_lib.DataError(f"data.dir: {d.dir} is not prepared; run launch.prepare once before a "
                                "multi-process job (auto_prepare is single-process only)")
