@@ -60,7 +60,7 @@ def test_sigterm_then_nan_then_restart(tmp_path, capfd, monkeypatch):
   code, out, last = _main(argv, capfd)
   assert code == 3, last
   assert f"resumed from {wd}/checkpoints/1 at step 1" in out
-  assert last.startswith("error: non-finite metrics at step 2: train/grad_norm=nan"), last
+  assert last.startswith("error: non-finite metrics at step 2: train/"), last   # the gradient (and the loss)
   assert f"(last finite checkpoint: step 1 in {wd}/checkpoints; nothing non-finite was saved)" in last, last
   assert _steps(wd) == ([1], [1])
 
