@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
       train.run(config, fv.workdir)
     except metrics.NonFiniteError as e:
-      cli.fail(f"{e}; lower optim.learning_rate (or fix the data) and run again to resume from there",
+      cli.fail(f"{e}; lower optim.learning_rate (or fix the data) and run again to resume from that checkpoint",
                cli.EXIT_NONFINITE)
     except train.Preempted as e:
       again = " ".join(shlex.quote(a) for a in ["python", "-m", "launch.train", *argv[1:]])
