@@ -58,7 +58,8 @@ def parse_arg(arg: str | None, defaults: dict) -> dict:
       try:
         out[key] = kind(value)
       except ValueError:
-        raise ValueError(f"config arg {key}={value!r}: expected {'an integer' if kind is int else kind.__name__}") from None
+        expected = "an integer" if kind is int else kind.__name__
+        raise ValueError(f"config arg {key}={value!r}: expected {expected}") from None
   return out
 
 

@@ -1,4 +1,4 @@
-"""What every ``launch/`` entry point shares: flags, ``--help``, ``--verbose``, one-line errors, exit statuses.
+"""What every ``launch/`` entry point shares: flags, --help, --verbose, one-line errors, exit statuses.
 
 An entry point defines its flags on a fresh ``absl.flags.FlagValues`` (not the
 global ``FLAGS``), so that its ``main(argv)`` can be called again in one process

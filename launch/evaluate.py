@@ -13,9 +13,10 @@
 source spec / text / JSON-lines file, which is tokenised with the model's own
 tokenizer into a temporary prepared directory first.  --block_length defaults
 to a prepared directory's block length, else to config.eval.block_length
-(reference: 8192 tokens for CALM, 2048 for the baseline); the value used is written into the result.  A block longer than
-the model's context (``model.backbone.max_position_embeddings``; for CALM in
-chunks of K tokens) is refused.  Results are printed and written as JSON,
+(reference: 8192 tokens for CALM, 2048 for the baseline); the value used is
+written into the result.  A block longer than the model's context
+(``model.backbone.max_position_embeddings``; for CALM in chunks of K tokens)
+is refused.  Results are printed and written as JSON,
 by default ``<workdir>/eval/<name>_<step>_<data>_T<block length>.json``
 (``<name>`` is ``brier`` or ``autoencoder``, ``<step>`` ``step<N>`` or ``hf``,
 ``<data>`` the data's file or directory name, with the split of a prepared
@@ -44,7 +45,8 @@ from launch import cli
 def _define(fv: flags.FlagValues) -> None:
   d = {"flag_values": fv}
   flags.DEFINE_string("workdir", None, "Training workdir or reference HF model folder.", required=True, **d)
-  flags.DEFINE_string("data", None, "Prepared data dir, or a source spec / file to prepare.", required=True, **d)
+  flags.DEFINE_string("data", None, "Prepared data dir, or a source spec / file to prepare.", required=True,
+                      **d)
   flags.DEFINE_string("split", "valid", "Split of a prepared dir (prepared-on-the-fly data: 'train').", **d)
   flags.DEFINE_integer("block_length", None, "Eval block length in tokens "
                        "(default: config.eval.block_length; reference 8192 CALM / 2048 AR).", **d)
@@ -85,13 +87,13 @@ def _default_block_length(trained) -> int:
 
 
 def check_context(trained, block_length: int) -> None:
-  """A block must fit the model's context: the positions training gave it (UsageError naming --block_length)."""
+  """A block must fit the model's context (else a UsageError naming --block_length)."""
   if trained.kind == "energy":
     k, limit = trained.cfg.patch_size, trained.cfg.backbone.max_position_embeddings
     if block_length // k - 1 > limit:
-      raise cli.UsageError(f"--block_length: {block_length} tokens are {block_length // k} chunks of K={k}, beyond "
-                           f"the model's context of {limit} input chunks (model.backbone.max_position_embeddings; "
-                           f"at most {(limit + 1) * k} tokens)")
+      raise cli.UsageError(f"--block_length: {block_length} tokens are {block_length // k} chunks of K={k}, "
+                           f"beyond the model's context of {limit} input chunks "
+                           f"(model.backbone.max_position_embeddings; at most {(limit + 1) * k} tokens)")
   elif trained.kind == "transformer":
     limit = trained.cfg.backbone.max_position_embeddings
     if block_length > limit:
@@ -110,7 +112,7 @@ def _data_tag(data_arg: str, split: str, prepared: bool) -> str:
 
 
 def _batches(trained, fv, block_length: int | None, tmp: str):
-  """(batches, block_length, data tag): the eval iterator over a prepared dir, or a source prepared into tmp."""
+  """(batches, block_length, data tag): eval batches of a prepared dir, or of a source prepared into tmp."""
   from calm_jax import data  # pylint: disable=import-outside-toplevel
   data_arg, split, batch_size = fv.data, fv.split, fv.batch_size
   k = trained.cfg.patch_size if trained.kind != "transformer" else 1
@@ -119,7 +121,8 @@ def _batches(trained, fv, block_length: int | None, tmp: str):
     if block_length is None:
       block_length = manifest["block_length"]
     if manifest["block_length"] != block_length:
-      raise data.DataError(f"--data: {data_arg} was prepared with block_length={manifest['block_length']}, but "
+      prepared = manifest["block_length"]
+      raise data.DataError(f"--data: {data_arg} was prepared with block_length={prepared}, but "
                            f"--block_length={block_length}; prepare it again or pass a source to tokenise")
     if trained.tokenizer is not None and manifest.get("tokenizer_fingerprint") not in (
         None, trained.tokenizer.fingerprint):
@@ -129,8 +132,8 @@ def _batches(trained, fv, block_length: int | None, tmp: str):
     return (lambda: data.make_eval_iterator(data_arg, split, global_batch_size=batch_size)), block_length, \
         _data_tag(data_arg, split, True)
   if os.path.isdir(data_arg):
-    raise data.DataError(f"--data: {data_arg} is a directory without manifest.json (not prepared data); pass a "
-                         "prepared directory, a file or a source spec")
+    raise data.DataError(f"--data: {data_arg} is a directory without manifest.json (not prepared data); pass "
+                         "a prepared directory, a file or a source spec")
   if trained.tokenizer is None:
     raise data.DataError(f"--workdir: {fv.workdir} has no tokenizer.json to tokenise {data_arg} with; pass a "
                          "prepared directory")
@@ -207,8 +210,8 @@ def main(argv: list[str] | None = None) -> None:
       else:
         settings = evaluate.BrierSettings(fv.estimator, fv.rollout_rows, fv.rollout_memory_gb)
         result = evaluate.evaluate_brier(trained.kind, trained.cfg, trained.params, batches, key,
-                                         ae_cfg=trained.ae_cfg, ae_params=trained.ae_params, settings=settings,
-                                         num_batches=num_batches, mesh=mesh)
+                                         ae_cfg=trained.ae_cfg, ae_params=trained.ae_params,
+                                         settings=settings, num_batches=num_batches, mesh=mesh)
         print(evaluate.format_brier(result))
     result.update(workdir=os.path.abspath(fv.workdir), data=fv.data, step=step, seed=fv.seed)
     print("wrote", evaluate.write_json(out, result))

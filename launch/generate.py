@@ -41,9 +41,11 @@ def _define(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer("max_attempts", 10_000, "Cap of the exact samplers (reported).", **d)
   flags.DEFINE_integer("max_new_tokens", 128, "Tokens generated per prompt at most.", **d)
   flags.DEFINE_enum("prompt_padding", "left", ["left", "end"],
-                    "CALM prompts not a multiple of K: PAD in the first chunk, or at the end (reference).", **d)
-  flags.DEFINE_enum("long_prompts", "refuse", ["refuse", "truncate"], "A prompt that does not fit the context "
-                    "with --max_new_tokens: refuse it, or keep its last tokens (one-line warning).", **d)
+                    "CALM prompts not a multiple of K: PAD in the first chunk, or at the end (reference).",
+                    **d)
+  flags.DEFINE_enum("long_prompts", "refuse", ["refuse", "truncate"], "A prompt that does not fit the "
+                    "context with --max_new_tokens: refuse it, or keep its last tokens (one-line warning).",
+                    **d)
   flags.DEFINE_integer("batch_size", 32, "Prompts per batch.", **d)
   flags.DEFINE_integer("steps_per_call", 16, "Decoding steps per device call (progress).", **d)
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).", **d)
@@ -57,7 +59,8 @@ def _prompts(fv) -> list[str]:
       with open(fv.prompts_file, encoding="utf-8") as f:
         prompts += [line.rstrip("\n") for line in f if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
-      raise cli.UsageError(f"--prompts_file: {fv.prompts_file}: {getattr(e, 'strerror', None) or e}") from None
+      why = getattr(e, "strerror", None) or e
+      raise cli.UsageError(f"--prompts_file: {fv.prompts_file}: {why}") from None
     if not prompts:
       raise cli.UsageError(f"--prompts_file: {fv.prompts_file} holds no prompt (no non-blank line)")
   if not prompts:
@@ -94,8 +97,8 @@ def fit_context(kind: str, cfg, prompts_ids: list, max_new_tokens: int, long_pro
   context = cfg.backbone.max_position_embeddings * k
   new = -(-max_new_tokens // k) * k
   if new + k > context:
-    raise cli.UsageError(f"--max_new_tokens: {max_new_tokens} leaves no room for a prompt in the model's context of "
-                         f"{context} tokens (model.backbone.max_position_embeddings)")
+    raise cli.UsageError(f"--max_new_tokens: {max_new_tokens} leaves no room for a prompt in the model's "
+                         f"context of {context} tokens (model.backbone.max_position_embeddings)")
   keep = (context - new) // k * k
   out = []
   for i, ids in enumerate(prompts_ids):
@@ -103,9 +106,10 @@ def fit_context(kind: str, cfg, prompts_ids: list, max_new_tokens: int, long_pro
       out.append(ids)
       continue
     if long_prompts == "refuse":
-      raise cli.UsageError(f"--prompt: prompt {i + 1} has {len(ids)} tokens; with --max_new_tokens={max_new_tokens} "
-                           f"the model's context of {context} tokens holds at most {keep}: shorten it, or pass "
-                           "--long_prompts=truncate to keep its last tokens")
+      raise cli.UsageError(f"--prompt: prompt {i + 1} has {len(ids)} tokens; with "
+                           f"--max_new_tokens={max_new_tokens} the model's context of {context} tokens "
+                           f"holds at most {keep}: shorten it, or pass --long_prompts=truncate to keep its "
+                           "last tokens")
     print(f"warning: prompt {i + 1}: cut from the left to its last {keep} of {len(ids)} tokens (context "
           f"{context} tokens, --max_new_tokens={max_new_tokens})", file=sys.stderr, flush=True)
     out.append(ids[len(ids) - keep:])
@@ -127,15 +131,16 @@ def main(argv: list[str] | None = None) -> None:
   with cli.errors(loading.LoadError, ValueError):
     kind = loading.saved_kind(fv.workdir)
     if kind == "autoencoder":
-      raise cli.UsageError(f"--workdir: {fv.workdir} holds an autoencoder, which does not generate text; give a "
-                           "CALM ('energy') or Transformer workdir")
+      raise cli.UsageError(f"--workdir: {fv.workdir} holds an autoencoder, which does not generate text; "
+                           "give a CALM ('energy') or Transformer workdir")
     settings = generate.GenerationSettings(fv.max_new_tokens, fv.temperature, fv.method, fv.num_candidates,
                                            fv.max_attempts, fv.prompt_padding, fv.steps_per_call)
     if kind is not None:
       _validate(settings, kind)   # before the parameters are read
     trained = loading.load_trained(fv.workdir, fv.step)
     if trained.kind not in ("energy", "transformer"):
-      raise cli.UsageError(f"--workdir: {fv.workdir} holds a {trained.kind!r} model, which does not generate text")
+      raise cli.UsageError(f"--workdir: {fv.workdir} holds a {trained.kind!r} model, which does not generate "
+                           "text")
     _validate(settings, trained.kind)
     if trained.tokenizer is None:
       raise cli.UsageError(f"--workdir: {fv.workdir} has no tokenizer.json to encode the prompts with")

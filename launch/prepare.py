@@ -35,8 +35,8 @@ from launch import cli
 def _define(fv: flags.FlagValues) -> None:
   d = {"flag_values": fv}
   flags.DEFINE_multi_string("source", None, "Source spec(s), read in order.", required=True, **d)
-  flags.DEFINE_multi_string("valid_source", None, "Explicit validation source(s); overrides --valid_fraction.",
-                            **d)
+  flags.DEFINE_multi_string("valid_source", None, "Explicit validation source(s); overrides "
+                            "--valid_fraction.", **d)
   flags.DEFINE_string("out_dir", None, "Output directory.", required=True, **d)
   flags.DEFINE_string("tokenizer", None, "tokenizer.json or its directory; default: a BPE trained on the "
                       "embedded corpus (--vocab_size).", **d)
@@ -44,7 +44,8 @@ def _define(fv: flags.FlagValues) -> None:
   flags.DEFINE_string("eos_token", None, "EOS token when the tokenizer's side files lack it.", **d)
   flags.DEFINE_enum("mode", None, ["ae", "lm"], "Packing: ae (EOS + PAD to K per document) or lm "
                     "(concatenation).", required=True, **d)
-  flags.DEFINE_integer("block_length", None, "Tokens per block; a multiple of --patch_size.", required=True, **d)
+  flags.DEFINE_integer("block_length", None, "Tokens per block; a multiple of --patch_size.", required=True,
+                       **d)
   flags.DEFINE_integer("patch_size", 4, "Autoencoder chunk size K.", **d)
   flags.DEFINE_float("valid_fraction", 0.0, "Documents held out by hash.", **d)
   flags.DEFINE_bool("append_eos", True, "lm mode: append EOS to every document (False = the reference's "
@@ -73,8 +74,8 @@ def _check_flags(fv: flags.FlagValues) -> None:
   if fv.max_documents is not None and fv.max_documents < 1:
     raise cli.UsageError(f"--max_documents: must be >= 1, got {fv.max_documents}")
   if not fv.tokenizer and fv.vocab_size <= 258:
-    raise cli.UsageError(f"--vocab_size: {fv.vocab_size} is too small for a byte-level BPE (> 258: 256 bytes, "
-                         "EOS and PAD)")
+    raise cli.UsageError(f"--vocab_size: {fv.vocab_size} is too small for a byte-level BPE (> 258: 256 "
+                         "bytes, EOS and PAD)")
   out = os.path.expanduser(fv.out_dir)
   if os.path.exists(out) and not os.path.isdir(out):
     raise cli.UsageError(f"--out_dir: {out} is a file, not a directory")
@@ -85,7 +86,8 @@ def _check_flags(fv: flags.FlagValues) -> None:
                            f"{', ...' if len(entries) > 3 else ''}) and is not a prepared data set; choose a "
                            "new or empty directory")
   if os.path.isfile(os.path.join(out, blocks_lib.MANIFEST)) and not fv.overwrite:
-    raise cli.UsageError(f"--out_dir: {out} already holds a prepared data set (pass --overwrite to replace it)")
+    raise cli.UsageError(f"--out_dir: {out} already holds a prepared data set (pass --overwrite to replace "
+                         "it)")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,7 +24,8 @@ from launch import cli
 
 def _define(fv: flags.FlagValues) -> None:
   flags.DEFINE_string("sweep", "frontier_tiny", "A sweep name of experiments/registry.py.", flag_values=fv)
-  flags.DEFINE_string("root", None, "Parent directory of the sweep's workdirs.", required=True, flag_values=fv)
+  flags.DEFINE_string("root", None, "Parent directory of the sweep's workdirs.", required=True,
+                      flag_values=fv)
   flags.DEFINE_float("steps_scale", 1.0, "Multiply every run's train.steps (and cadences).", flag_values=fv)
   flags.DEFINE_list("only", [], "Run only these names of the sweep (others must exist already).",
                     flag_values=fv)

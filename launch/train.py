@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
       train.run(config, fv.workdir)
     except metrics.NonFiniteError as e:
-      cli.fail(f"{e}; lower optim.learning_rate (or fix the data) and run again to resume from that checkpoint",
-               cli.EXIT_NONFINITE)
+      cli.fail(f"{e}; lower optim.learning_rate (or fix the data) and run again to resume from that "
+               "checkpoint", cli.EXIT_NONFINITE)
     except train.Preempted as e:
       again = " ".join(shlex.quote(a) for a in ["python", "-m", "launch.train", *argv[1:]])
       print(f"{e}; resume with: {again}", file=sys.stderr, flush=True)

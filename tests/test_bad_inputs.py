@@ -51,7 +51,8 @@ def world(tmp_path_factory):
   for name in ("tokenizer.json", "special_tokens_map.json"):
     shutil.copy(tokdir / name, hf / name)
   tf_hf = root / "tf_hf"
-  interop.export_transformer(str(tf_hf), tf_cfg, random_params(tf_cfg, 2), pad_token_id=tok.pad_id, eos_token_id=0)
+  interop.export_transformer(str(tf_hf), tf_cfg, random_params(tf_cfg, 2), pad_token_id=tok.pad_id,
+                             eos_token_id=0)
   calm, tf = root / "calm", root / "tf"   # calm_jax workdirs (calm/autoencoder: its autoencoder's)
   convert.import_reference(str(hf), str(calm), tokenizer=str(tokdir))
   convert.import_reference(str(tf_hf), str(tf), tokenizer=str(tokdir))
@@ -114,7 +115,8 @@ CASES = [
     # --- train: flags and the config argument
     (T, ["--workdir={new}"], "--config: required"),
     (T, [TF_TINY], "--workdir: required"),
-    (T, ["--config=experiments/nope.py:tiny", "--workdir={new}"], "--config=experiments/nope.py:tiny: [Errno 2]"),
+    (T, ["--config=experiments/nope.py:tiny", "--workdir={new}"],
+     "--config=experiments/nope.py:tiny: [Errno 2]"),
     (T, ["--config={empty_dir}", "--workdir={new}"], "Is a directory"),
     (T, ["--config=experiments/transformer.py:size=Q", "--workdir={new}"], "config arg size=Q"),
     (T, ["--config=experiments/calm.py:K=abc", "--workdir={new}"], "config arg K='abc': expected an integer"),
@@ -122,7 +124,8 @@ CASES = [
     (T, ["--config=experiments/autoencoder.py:bogus=1", "--workdir={new}"], "config arg 'bogus': unknown"),
     (T, ["--config=experiments/autoencoder.py:tiny=maybe", "--workdir={new}"], "config arg tiny='maybe'"),
     (T, [AE_TINY, "--config.train.stepz=5", "--workdir={new}"], "--config.train.stepz: no such config field"),
-    (T, [AE_TINY, "--config.trainx.steps=5", "--workdir={new}"], "--config.trainx.steps: no such config field"),
+    (T, [AE_TINY, "--config.trainx.steps=5", "--workdir={new}"],
+     "--config.trainx.steps: no such config field"),
     (T, [AE_TINY, "--config.train.steps=abc", "--workdir={new}"], "--config.train.steps=abc"),
     (T, [TF_TINY, "--config.train.steps=0", "--workdir={new}"], "train.steps: must be >= 1, got 0"),
     (T, [TF_TINY, "--config.model.backbone.num_attention_heads=3", "--workdir={new}"],
@@ -136,9 +139,10 @@ CASES = [
     (T, [TF_TINY, "--workdir={new}", "--bogus=1"], "--bogus: unknown flag"),
     (T, [TF_TINY, "--workdir={new}", "stray_positional"], "unexpected argument 'stray_positional'"),
     (T, [CALM_TINY, "--config.ae_workdir=/nonexistent/ae", "--workdir={new}"], "ae_workdir: /nonexistent/ae"),
-    (T, [CALM_TINY, "--config.ae_workdir={tf}", "--workdir={new}"], "holds a 'transformer' run, not an autoencoder"),
-    (T, [TF_TINY, "--config.data.auto_prepare=False", "--config.data.dir=/nonexistent/data", "--workdir={new}"],
-     "data.dir: /nonexistent/data"),
+    (T, [CALM_TINY, "--config.ae_workdir={tf}", "--workdir={new}"],
+     "holds a 'transformer' run, not an autoencoder"),
+    (T, [TF_TINY, "--config.data.auto_prepare=False", "--config.data.dir=/nonexistent/data",
+         "--workdir={new}"], "data.dir: /nonexistent/data"),
     (T, [TF_TINY, "--config.data.dir={lm16}", "--config.data.block_length=16", "--config.eval.brier=False",
          "--config.model.backbone.vocab_size=5000", "--workdir={new}"], "5000 in the config, but"),
     (T, [TF_TINY, "--config.data.dir={lm16}", "--config.eval.brier=False", "--workdir={new}"],
@@ -146,12 +150,14 @@ CASES = [
     # --- train: the workdir
     (T, [TF_TINY, "--workdir={afile_txt}"], "is a file, not a directory"),
     (T, [TF_TINY, "--workdir="], "--workdir: required"),
-    (T, [TF_TINY, "--config.data.dir={stray}", "--workdir={new}"], "data.dir: {stray}: is not empty and not a prepared"),
-    (T, [TF_TINY, "--config.data.tokenizer=/nonexistent/tok", "--workdir={new}"], "data.tokenizer: /nonexistent/tok"),
+    (T, [TF_TINY, "--config.data.dir={stray}", "--workdir={new}"],
+     "data.dir: {stray}: is not empty and not a prepared"),
+    (T, [TF_TINY, "--config.data.tokenizer=/nonexistent/tok", "--workdir={new}"],
+     "data.tokenizer: /nonexistent/tok"),
     (T, [TF_TINY, "--config.data.auto_prepare=False", "--config.data.dir={afile_txt}", "--workdir={new}"],
      "data.dir: "),
-    (T, [TF_TINY, "--config.train.global_batch_size=7", "--config.optim.grad_accum_steps=2", "--workdir={new}"],
-     "optim.grad_accum_steps: 2 does not divide"),
+    (T, [TF_TINY, "--config.train.global_batch_size=7", "--config.optim.grad_accum_steps=2",
+         "--workdir={new}"], "optim.grad_accum_steps: 2 does not divide"),
     (T, [TF_TINY, "--workdir={ae}"], "holds an 'autoencoder' run, not a 'transformer' one"),
     (T, [AE_TINY, "--workdir={calm}"], "holds an 'energy' run, not an 'autoencoder' one"),
     (T, [TF_TINY, "--workdir={tf}"], "run of another model: model.backbone."),
@@ -188,11 +194,13 @@ CASES = [
     # --- evaluate
     (E, ["--data={valid_txt}"], "--workdir: required"),
     (E, ["--workdir={calm}"], "--data: required"),
-    (E, ["--workdir=/nonexistent/run", "--data={valid_txt}"], "--workdir: /nonexistent/run: no such directory"),
+    (E, ["--workdir=/nonexistent/run", "--data={valid_txt}"],
+     "--workdir: /nonexistent/run: no such directory"),
     (E, ["--workdir={afile_txt}", "--data={valid_txt}"], "is a file, not a directory"),
     (E, ["--workdir={empty_dir}", "--data={valid_txt}"], "config.json: no such file"),
     (E, ["--workdir={bad_config}", "--data={valid_txt}"], "malformed JSON"),
-    (E, ["--workdir={calm}", "--data=/nonexistent/v.txt", "--block_length=16"], "/nonexistent/v.txt: no such file"),
+    (E, ["--workdir={calm}", "--data=/nonexistent/v.txt", "--block_length=16"],
+     "/nonexistent/v.txt: no such file"),
     (E, ["--workdir={calm}", "--data={empty_txt}", "--block_length=16"], "empty.txt"),
     (E, ["--workdir={calm}", "--data={empty_dir}", "--block_length=16"], "without manifest.json"),
     (E, ["--workdir={calm}", "--data={valid_txt}", "--block_length=8192"], "--block_length: 8192 tokens"),
@@ -218,7 +226,8 @@ CASES = [
     (G, ["--workdir={calm}", "--prompts_file={blank_prompts_txt}"], "holds no prompt"),
     (G, ["--workdir={calm}", "--prompt=w1", "--max_new_tokens=0"], "--max_new_tokens: must be >= 1"),
     (G, ["--workdir={calm}", "--prompt=w1", "--method=bogus"], "--method=bogus"),
-    (G, ["--workdir={calm}", "--prompt=w1", "--temperature=0.3", "--method=batch"], "--temperature/--method: Method 'batch'"),
+    (G, ["--workdir={calm}", "--prompt=w1", "--temperature=0.3", "--method=batch"],
+     "--temperature/--method: Method 'batch'"),
     (G, ["--workdir={tf}", "--prompt=w1", "--temperature=-1"], "T=-1"),
     (G, ["--workdir={ae}", "--prompt=w1"], "holds an autoencoder, which does not generate"),
     (G, ["--workdir=/nonexistent/run", "--prompt=w1"], "/nonexistent/run: no such directory"),
@@ -291,7 +300,8 @@ def test_prompt_cut_from_the_left_with_one_warning(capfd):
   assert out[0] == list(range(61, 301)) and out[1] == [1, 2, 3]    # 256 - 16 = 240 tokens kept
   err = capfd.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("warning: prompt 1: cut from the left to its last 240 of 300")
-  assert generate.fit_context("transformer", tf_cfg, [list(range(70))], 4, "truncate")[0] == list(range(10, 70))
+  kept = generate.fit_context("transformer", tf_cfg, [list(range(70))], 4, "truncate")[0]
+  assert kept == list(range(10, 70))
   with pytest.raises(ValueError, match="prompt 1 has 70 tokens"):
     generate.fit_context("transformer", tf_cfg, [list(range(70))], 4, "refuse")
 

@@ -105,7 +105,8 @@ def test_rows_are_on_disk_at_once_and_a_resume_replaces_the_rows_past_its_step(t
   for step in (1, 2, 3, 4):
     w.write(step, {"train/loss": float(step)})
   # Not closed (a SIGKILL now): every row is in the file already.
-  assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4]
   w.sync()
   with open(tmp_path / "metrics.jsonl", "a") as f:
     f.write('{"step": 5, "train/lo')          # torn by a kill mid-write

@@ -36,8 +36,8 @@ def test_sigterm_then_nan_then_restart(tmp_path, capfd, monkeypatch):
   argv = ["launch.train", "--config=experiments/transformer.py:tiny", f"--workdir={wd}",
           "--config.model.backbone.num_hidden_layers=1", "--config.optim.learning_rate=1e30",
           "--config.train.steps=4", "--config.train.checkpoint_every=1", "--config.train.keep_checkpoints=1",
-          "--config.train.log_every=1", "--config.train.global_batch_size=4", "--config.train.eval_batch_size=4",
-          "--config.train.eval_batches=1", "--config.eval.brier=False"]
+          "--config.train.log_every=1", "--config.train.global_batch_size=4",
+          "--config.train.eval_batch_size=4", "--config.train.eval_batches=1", "--config.eval.brier=False"]
 
   # 1. SIGTERM while step 1 runs: step 1 is saved, exit status 75, one line saying how to resume.
   real = metrics.ProgressBar.update

@@ -102,7 +102,8 @@ def test_nan_names_the_step(tmp_path, monkeypatch):
   monkeypatch.setattr(trainers, "make_train_step", poisoned)
   c = _one_layer(_config("transformer_tiny", steps=6, **{"train.checkpoint_every": 2}))
   # Steps count from 1 as metrics.jsonl and the checkpoints do; step 4 would have been saved: it is not.
-  with pytest.raises(metrics.NonFiniteError, match=r"at step 4: train/loss=inf .*last finite checkpoint: step 2 in"):
+  expected = r"at step 4: train/loss=inf .*last finite checkpoint: step 2 in"
+  with pytest.raises(metrics.NonFiniteError, match=expected):
     train.run(c, str(tmp_path))
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
   assert [r["step"] for r in train.read_metrics(str(tmp_path))] == [1, 2, 3]

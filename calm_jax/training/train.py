@@ -338,9 +338,9 @@ def check_workdir(workdir: str, config_dict: Mapping) -> dict | None:
   kind = config_dict.get("kind")
   if saved.get("kind") != kind:
     held = saved.get("kind")
-    raise ConfigError(f"workdir: {workdir} holds {'an' if str(held)[:1] in 'aeiou' else 'a'} {held!r} run, not "
-                      f"{'an' if str(kind)[:1] in 'aeiou' else 'a'} {kind!r} one; choose another workdir (nothing "
-                      "was written)")
+    a = lambda word: "an" if str(word)[:1] in "aeiou" else "a"
+    raise ConfigError(f"workdir: {workdir} holds {a(held)} {held!r} run, not {a(kind)} {kind!r} one; choose "
+                      "another workdir (nothing was written)")
   ours = json.loads(json.dumps(dict(config_dict).get("model", {}), default=str))
   diff = _first_difference(saved.get("model", {}), ours, "model")
   if diff:
