@@ -343,3 +343,18 @@ def test_evaluate_result_names_carry_data_and_block_length():
       "wikitext_document_level-test"
   assert evaluate._data_tag("jsonl:/pile/0[01].jsonl;max_words=10", "valid", False) == "0_01"
   assert json.loads(json.dumps({"ok": 1}))   # (the file names themselves: the 'exists' case above)
+
+
+def test_a_restart_may_change_how_steps_run_but_not_the_model(tmp_path):
+  from calm_jax.configs import ConfigError
+  from calm_jax.training import train
+  from experiments import registry
+  saved = registry.get_config("transformer_tiny").to_dict()
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  ours = registry.get_config("transformer_tiny").to_dict()
+  ours["model"]["backbone"].update(remat_policy="full", attention_impl="dot_product_attention")
+  ours["optim"]["learning_rate"] = 1e-4
+  assert train.check_workdir(str(tmp_path), ours) == saved
+  ours["model"]["backbone"]["scan_layers"] = True   # another parameter layout
+  with pytest.raises(ConfigError, match="model.backbone.scan_layers=False there, True here"):
+    train.check_workdir(str(tmp_path), ours)

@@ -291,14 +291,21 @@ def _check_eval(kind: str, model, data: DataSettings, evals: EvalSettings) -> No
 # --------------------------------------------------------------------------- the workdir
 
 
-def _first_difference(saved: Any, ours: Any, path: str) -> str | None:
-  """The first dotted key where two JSON trees differ, with both values; None when equal."""
+# Model fields that change how a step is computed, not what a checkpoint holds: a restart may change them.
+RESUMABLE_MODEL_FIELDS = frozenset({"dtype", "remat_policy", "attention_impl"})
+
+
+def _first_difference(saved: Any, ours: Any, path: str, ignore: frozenset = frozenset()) -> str | None:
+  """The first dotted key where two JSON trees differ, with both values; None when equal.
+
+  Keys named in ``ignore`` (at any depth) are not compared.
+  """
   if isinstance(saved, dict) and isinstance(ours, dict):
-    for k in sorted(set(saved) | set(ours)):
+    for k in sorted((set(saved) | set(ours)) - ignore):
       if k not in saved or k not in ours:
         return f"{path}.{k} ({'absent' if k not in saved else repr(saved[k])} there, " \
                f"{'absent' if k not in ours else repr(ours[k])} here)"
-      diff = _first_difference(saved[k], ours[k], f"{path}.{k}")
+      diff = _first_difference(saved[k], ours[k], f"{path}.{k}", ignore)
       if diff:
         return diff
     return None
@@ -311,8 +318,9 @@ def check_workdir(workdir: str, config_dict: Mapping) -> dict | None:
   Refused (:class:`ConfigError` naming ``workdir`` and what it holds): a file; a
   non-empty directory without ``config.json`` (not a calm_jax run: a prepared
   data set, a model folder, ...); a run of another ``kind``; a run of another
-  ``model`` (shapes, dtypes, any model field).  Other fields (learning rate,
-  steps, cadences, data) may change between restarts.  Nothing is written.
+  ``model`` (any model field but :data:`RESUMABLE_MODEL_FIELDS`: the compute
+  dtype, remat policy and attention implementation).  Other fields (learning
+  rate, steps, cadences, data) may change between restarts.  Nothing is written.
 
   Returns the workdir's saved config, or None for a new or empty directory.
   """
@@ -342,7 +350,7 @@ def check_workdir(workdir: str, config_dict: Mapping) -> dict | None:
     raise ConfigError(f"workdir: {workdir} holds {a(held)} {held!r} run, not {a(kind)} {kind!r} one; choose "
                       "another workdir (nothing was written)")
   ours = json.loads(json.dumps(dict(config_dict).get("model", {}), default=str))
-  diff = _first_difference(saved.get("model", {}), ours, "model")
+  diff = _first_difference(saved.get("model", {}), ours, "model", RESUMABLE_MODEL_FIELDS)
   if diff:
     raise ConfigError(f"workdir: {workdir} holds a run of another model: {diff}; choose another "
                       "workdir (nothing was written)")
