@@ -160,6 +160,23 @@ def _load_hf(folder: str) -> Trained:
                  dict(cj, _source="hf", _step=None))
 
 
+def saved_kind(path: str) -> str | None:
+  """The ``kind`` in a calm_jax workdir's ``config.json``, read without loading any weights.
+
+  None for a reference model folder (its kind is told by its weights) or where
+  nothing says; :func:`load_trained` reports the errors.
+  """
+  path = os.path.expanduser(str(path))
+  if not os.path.isdir(path) or is_hf_folder(path):
+    return None
+  try:
+    with open(os.path.join(path, "config.json")) as f:
+      kind = json.load(f).get("kind")
+  except (OSError, ValueError, AttributeError):
+    return None
+  return kind if kind in _CONFIG_TYPES else None
+
+
 def load_trained(workdir: str, step: int | None = None) -> Trained:
   """Loads a calm_jax workdir (its latest step, or ``step``) or a reference HF folder."""
   workdir = os.path.expanduser(str(workdir))

@@ -49,11 +49,17 @@ def parse_arg(arg: str | None, defaults: dict) -> dict:
     if not sep:
       out[key] = True
       continue
-    kind = type(defaults[key])
+    kind, value = type(defaults[key]), value.strip()
     if kind is bool:
-      out[key] = value.strip().lower() in ("1", "true", "yes")
+      if value.lower() not in ("1", "true", "yes", "0", "false", "no"):
+        raise ValueError(f"config arg {key}={value!r}: expected true or false")
+      out[key] = value.lower() in ("1", "true", "yes")
     else:
-      out[key] = kind(value.strip())
+      try:
+        out[key] = kind(value)
+      except ValueError:
+        expected = "an integer" if kind is int else kind.__name__
+        raise ValueError(f"config arg {key}={value!r}: expected {expected}") from None
   return out
 
 

@@ -13,22 +13,46 @@ the same file (or ``--ae_src``) and written as its own workdir ``DST/autoencoder
 Export a calm_jax workdir back to the reference's layout::
 
   python -m launch.convert --direction=export --src=runs/calm_m --dst=/tmp/calm_m_hf [--format=bin]
+
+A --dst that is a file or holds anything is refused (nothing is overwritten);
+so is an empty or missing --src.  Exit status: 0 done, 2 bad input (one line
+``error: ...``); ``--verbose`` shows INFO logs.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 
-from absl import app, flags
+from absl import flags
 
-_DIRECTION = flags.DEFINE_enum("direction", "import", ["import", "export"], "import: reference -> calm_jax.")
-_SRC = flags.DEFINE_string("src", None, "Source folder (reference folder or calm_jax workdir).")
-_DST = flags.DEFINE_string("dst", None, "Destination folder.")
-_KIND = flags.DEFINE_enum("kind", "auto", ["auto", "autoencoder", "energy", "transformer"], "Model kind.")
-_AE_SRC = flags.DEFINE_string("ae_src", None, "Reference autoencoder folder for an energy model.")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer.json or its folder, copied into the workdir.")
-_FORMAT = flags.DEFINE_enum("format", "safetensors", ["safetensors", "bin"], "Export weight format.")
+from launch import cli
+
+
+def _define(fv: flags.FlagValues) -> None:
+  d = {"flag_values": fv}
+  flags.DEFINE_enum("direction", "import", ["import", "export"], "import: reference -> calm_jax.", **d)
+  flags.DEFINE_string("src", None, "Source folder (reference folder or calm_jax workdir).", **d)
+  flags.DEFINE_string("dst", None, "Destination folder (new or empty).", **d)
+  flags.DEFINE_enum("kind", "auto", ["auto", "autoencoder", "energy", "transformer"], "Model kind.", **d)
+  flags.DEFINE_string("ae_src", None, "Reference autoencoder folder for an energy model.", **d)
+  flags.DEFINE_string("tokenizer", None, "tokenizer.json or its folder, copied into the workdir.", **d)
+  flags.DEFINE_enum("format", "safetensors", ["safetensors", "bin"], "Export weight format.", **d)
+
+
+def check_destination(dst: str) -> None:
+  """Refuse a destination that is a file or holds anything: a conversion never overwrites (UsageError)."""
+  if os.path.exists(dst) and not os.path.isdir(dst):
+    raise cli.UsageError(f"--dst: {dst} is a file; choose a new or empty directory (nothing overwritten)")
+  if os.path.isdir(dst) and os.listdir(dst):
+    shown = ", ".join(sorted(os.listdir(dst))[:3])
+    raise cli.UsageError(f"--dst: {dst} is not empty ({shown}{', ...' if len(os.listdir(dst)) > 3 else ''}); "
+                         "choose a new or empty directory (nothing overwritten)")
+
+
+def _check_source(flag: str, src: str) -> None:
+  cli.check_dir_arg(flag, src)
+  if not os.listdir(src):
+    raise cli.UsageError(f"--{flag}: {src} is empty (no config.json, no weights)")
 
 
 def import_reference(src, dst, kind="auto", ae_src=None, tokenizer=None):
@@ -85,28 +109,38 @@ def export_workdir(src, dst, fmt="safetensors"):
   return dst
 
 
-def main(argv):
-  del argv
-  if not _SRC.value or not _DST.value:
-    print("error: --src and --dst are required", file=sys.stderr)
-    return 2
-  from calm_jax import interop
-  from calm_jax.configs import ConfigError
-  try:
-    if _DIRECTION.value == "import":
-      for w in import_reference(_SRC.value, _DST.value, _KIND.value, _AE_SRC.value, _TOKENIZER.value):
+def main(argv: list[str] | None = None) -> None:
+  """``python -m launch.convert``; exit status 0, or 2 with one line naming the bad input."""
+  fv = cli.parse(_define, argv, __doc__, "launch.convert")
+  with cli.errors():
+    if not fv.src or not fv.dst:
+      raise cli.UsageError(f"--{'src' if not fv.src else 'dst'}: required")
+    _check_source("src", fv.src)
+    if fv.ae_src:
+      _check_source("ae_src", fv.ae_src)
+    if os.path.abspath(fv.src) == os.path.abspath(fv.dst):
+      raise cli.UsageError(f"--dst: the same directory as --src ({fv.src})")
+    check_destination(fv.dst)
+  from calm_jax import interop, loading  # pylint: disable=import-outside-toplevel
+  from calm_jax.configs import ConfigError  # pylint: disable=import-outside-toplevel
+  from calm_jax.data import DataError  # pylint: disable=import-outside-toplevel
+  with cli.errors(interop.InteropError, ConfigError, loading.LoadError, DataError, FileNotFoundError):
+    if fv.tokenizer:
+      from calm_jax import data  # pylint: disable=import-outside-toplevel
+      try:
+        data.load_tokenizer(fv.tokenizer)   # before anything is written
+      except DataError as e:
+        raise cli.UsageError(f"--tokenizer: {e}") from None
+    if fv.direction == "import":
+      for w in import_reference(fv.src, fv.dst, fv.kind, fv.ae_src, fv.tokenizer):
         print(f"wrote {w}")
     else:
-      print(f"wrote {export_workdir(_SRC.value, _DST.value, _FORMAT.value)}")
-  except (interop.InteropError, ConfigError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return 0
+      print(f"wrote {export_workdir(fv.src, fv.dst, fv.format)}")
 
 
 def run():
-  app.run(lambda argv: sys.exit(main(argv)))
+  main()
 
 
 if __name__ == "__main__":
-  run()
+  main()

@@ -11,30 +11,35 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags
+from absl import flags
 
-from calm_jax.evaluation import frontier
-
-_ROOT = flags.DEFINE_string("root", None, "Sweep root: every workdir below it is read.")
-_WORKDIRS = flags.DEFINE_list("workdirs", [], "Explicit workdirs (instead of, or with, --root).")
-_OUT = flags.DEFINE_string("out", None, "Output prefix (default: ROOT/frontier or ./frontier).")
-_NO_AE = flags.DEFINE_bool("exclude_ae", False, "Do not charge CALM runs with their autoencoder's training.")
-_TITLE = flags.DEFINE_string("title", "Quality vs training compute", "Plot title.")
+from launch import cli
 
 
-def main(argv):
-  del argv
-  workdirs = list(_WORKDIRS.value)
-  if _ROOT.value:
-    workdirs += frontier.find_workdirs(_ROOT.value)
-  if not workdirs:
-    raise app.UsageError("give --root or --workdirs")
-  runs = frontier.load_runs(workdirs, include_ae=not _NO_AE.value)
+def _define(fv: flags.FlagValues) -> None:
+  d = {"flag_values": fv}
+  flags.DEFINE_string("root", None, "Sweep root: every workdir below it is read.", **d)
+  flags.DEFINE_list("workdirs", [], "Explicit workdirs (instead of, or with, --root).", **d)
+  flags.DEFINE_string("out", None, "Output prefix (default: ROOT/frontier or ./frontier).", **d)
+  flags.DEFINE_bool("exclude_ae", False, "Do not charge CALM runs with their autoencoder's training.", **d)
+  flags.DEFINE_string("title", "Quality vs training compute", "Plot title.", **d)
+
+
+def main(argv: list[str] | None = None) -> None:
+  fv = cli.parse(_define, argv, __doc__, "launch.frontier")
+  from calm_jax.evaluation import frontier  # pylint: disable=import-outside-toplevel
+  workdirs = list(fv.workdirs)
+  with cli.errors(getattr(frontier, "FrontierError", ValueError)):
+    if fv.root:
+      workdirs += frontier.find_workdirs(cli.check_dir_arg("root", fv.root))
+    if not workdirs:
+      raise cli.UsageError("--root: give --root or --workdirs")
+    runs = frontier.load_runs(workdirs, include_ae=not fv.exclude_ae)
   print(frontier.format_runs(runs))
-  out = _OUT.value or os.path.join(_ROOT.value or ".", "frontier")
-  for p in frontier.plot(runs, out, _TITLE.value):
+  out = fv.out or os.path.join(fv.root or ".", "frontier")
+  for p in frontier.plot(runs, out, fv.title):
     print("wrote", p)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()

@@ -12,13 +12,14 @@
 # jax.distributed.initialize(), which reads the coordinator, process count and id from
 # SLURM's environment, and each process sees its own GPU(s).  Resubmit with the same
 # workdir to resume; SLURM's SIGTERM before a time limit triggers a checkpoint
-# (use --signal=TERM@120 to get two minutes' warning).
+# (use --signal=TERM@120 to get two minutes' warning), after which the job exits with
+# status 75 (EX_TEMPFAIL), never 0: a dependent job (--dependency=afterok) does not start.
 #SBATCH --job-name=calm_jax
 #SBATCH --signal=TERM@120
 #SBATCH --output=calm_jax-%j.out
 set -euo pipefail
 if [[ $# -lt 2 ]]; then
-  sed -n '2,18p' "$0"; exit 2
+  sed -n '2,19p' "$0"; exit 2
 fi
 CONFIG="$1"; WORKDIR="$2"; shift 2
 cd "${SLURM_SUBMIT_DIR:-.}"

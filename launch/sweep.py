@@ -16,15 +16,19 @@ import os
 import sys
 import time
 
-from absl import app, flags
-from absl import logging as absl_logging
+from absl import flags
 
 from calm_jax import hostmem  # stdlib-only; before anything starts threads
+from launch import cli
 
-_SWEEP = flags.DEFINE_string("sweep", "frontier_tiny", "A sweep name of experiments/registry.py.")
-_ROOT = flags.DEFINE_string("root", None, "Parent directory of the sweep's workdirs.", required=True)
-_STEPS_SCALE = flags.DEFINE_float("steps_scale", 1.0, "Multiply every run's train.steps (and cadences).")
-_ONLY = flags.DEFINE_list("only", [], "Run only these names of the sweep (others must exist already).")
+
+def _define(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("sweep", "frontier_tiny", "A sweep name of experiments/registry.py.", flag_values=fv)
+  flags.DEFINE_string("root", None, "Parent directory of the sweep's workdirs.", required=True,
+                      flag_values=fv)
+  flags.DEFINE_float("steps_scale", 1.0, "Multiply every run's train.steps (and cadences).", flag_values=fv)
+  flags.DEFINE_list("only", [], "Run only these names of the sweep (others must exist already).",
+                    flag_values=fv)
 
 
 def scale_steps(config, scale: float) -> None:
@@ -36,36 +40,41 @@ def scale_steps(config, scale: float) -> None:
   t.steps = steps
 
 
-def main(argv):
-  del argv
-  absl_logging.set_verbosity(absl_logging.WARNING)
+def main(argv: list[str] | None = None) -> None:
+  """``python -m launch.sweep``; exit statuses as ``launch.train`` (0, 2, 3, 75)."""
+  fv = cli.parse(_define, argv, __doc__, "launch.sweep")
   from calm_jax.evaluation import frontier  # pylint: disable=import-outside-toplevel
-  from calm_jax.training import train  # pylint: disable=import-outside-toplevel
+  from calm_jax.training import metrics, train  # pylint: disable=import-outside-toplevel
   from experiments import registry  # pylint: disable=import-outside-toplevel
 
-  if _STEPS_SCALE.value <= 0:
-    sys.exit(f"error: --steps_scale: must be > 0, got {_STEPS_SCALE.value}")
-  root = os.path.abspath(_ROOT.value)
+  if fv.steps_scale <= 0:
+    cli.fail(f"--steps_scale: must be > 0, got {fv.steps_scale}")
+  root = os.path.abspath(fv.root)
   try:
-    runs = registry.get_sweep(_SWEEP.value, root=root)
+    runs = registry.get_sweep(fv.sweep, root=root)
   except KeyError as e:
-    sys.exit(f"error: --sweep: {e.args[0]}")
+    cli.fail(f"--sweep: {e.args[0]}")
   names = [n for n, _ in runs]
-  unknown = [n for n in _ONLY.value if n not in names]
+  unknown = [n for n in fv.only if n not in names]
   if unknown:
-    sys.exit(f"error: --only: {unknown[0]!r} is not a run of {_SWEEP.value} (runs: {', '.join(names)})")
+    cli.fail(f"--only: {unknown[0]!r} is not a run of {fv.sweep} (runs: {', '.join(names)})")
   t0 = time.perf_counter()
   for i, (name, config) in enumerate(runs):
-    if _ONLY.value and name not in _ONLY.value:
+    if fv.only and name not in fv.only:
       continue
     with config.unlocked():
-      scale_steps(config, _STEPS_SCALE.value)
+      scale_steps(config, fv.steps_scale)
     print(f"== [{i + 1}/{len(runs)}] {name} ({config.kind}, {config.train.steps} steps) -> {root}/{name}",
           flush=True)
     try:
       train.run(config, os.path.join(root, name))
     except train.ConfigError as e:
-      sys.exit(f"error: {name}: {e}")
+      cli.fail(f"{name}: {e}")
+    except metrics.NonFiniteError as e:
+      cli.fail(f"{name}: {e}", cli.EXIT_NONFINITE)
+    except train.Preempted as e:
+      print(f"{name}: {e}; resume with the same command", file=sys.stderr, flush=True)
+      raise SystemExit(cli.EXIT_PREEMPTED) from None
   workdirs = [os.path.join(root, n) for n in names]
   loaded = frontier.load_runs([w for w in workdirs if os.path.isdir(w)])
   print(frontier.format_runs(loaded))
@@ -76,4 +85,4 @@ def main(argv):
 
 if __name__ == "__main__":
   hostmem.reexec_with_tuned_malloc()
-  app.run(main)
+  main()

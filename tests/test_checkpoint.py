@@ -210,3 +210,45 @@ def test_restore_params_and_resume_order(tmp_path):
       c, _abstract(), lambda: _state(0), init_from=str(stage1), from_other=from_other
     )
     assert (resumed.source, resumed.step) == ("resume", 1)
+
+
+def _nan_state(offset):
+  state = _state(offset)
+  state["params"]["dense"]["kernel"] = state["params"]["dense"]["kernel"].at[0, 0].set(jnp.nan)
+  return state
+
+
+def test_non_finite_state_is_never_saved_nor_resumed(tmp_path, caplog):
+  with ck.Checkpointer(tmp_path, save_interval_steps=1, max_to_keep=1) as c:
+    c.maybe_save(1, _state(1))
+    with pytest.raises(ck.CheckpointError, match="step 2: the state holds NaN or Inf; not saved"):
+      c.maybe_save(2, _nan_state(2))
+    c.wait()
+    assert c.all_steps() == [1]   # max_to_keep=1 cannot push the finite step 1 out with a NaN save
+  with ck.Checkpointer(tmp_path, save_interval_steps=1, max_to_keep=3) as c:
+    # What an older calm_jax could leave behind: NaN checkpoints newer than the last finite one.
+    c.maybe_save(2, _nan_state(2), check_finite=False)
+    c.maybe_save(3, _nan_state(3), check_finite=False)
+    c.wait()
+  with ck.Checkpointer(tmp_path, save_interval_steps=1, max_to_keep=2) as c:
+    with caplog.at_level(logging.WARNING, logger="calm_jax.training.checkpoint"):
+      restored = c.restore(_abstract())
+    assert restored.step == 1    # the newest finite one
+    _assert_tree_equal(restored.state, _state(1))
+    assert c.all_steps() == [1]  # the NaN steps moved aside (kept, out of the run and of max_to_keep)
+    assert len(os.listdir(f"{tmp_path}.nonfinite")) == 2
+    assert any("holds NaN or Inf" in r.getMessage() for r in caplog.records)
+  with ck.Checkpointer(tmp_path / "all_nan", save_interval_steps=1) as c:
+    c.maybe_save(1, _nan_state(1), check_finite=False)
+    c.wait()
+    with pytest.raises(ck.CheckpointError, match="no readable checkpoint.*step 1: NaN or Inf values"):
+      c.restore(_abstract())
+
+
+def test_closed_event_loop_noise_is_dropped():
+  import types
+  seen = []
+  hook = ck._drop_closed_loop_errors(seen.append)
+  hook(types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed")))   # a collected orbax coroutine
+  hook(types.SimpleNamespace(exc_value=RuntimeError("something else")))
+  assert [str(u.exc_value) for u in seen] == ["something else"]

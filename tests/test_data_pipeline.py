@@ -190,5 +190,5 @@ def test_prepare_cli(tmp_path, prepared):
   assert counts["train"]["blocks"] == counts["train"]["documents"] // 2
   bad = subprocess.run(cmd[:3] + [f"--source={tmp_path}/missing.jsonl"] + cmd[4:] + ["--overwrite"],
                        check=False, cwd=REPO, capture_output=True, text=True, timeout=120)
-  assert bad.returncode == 1
+  assert bad.returncode == 2   # bad input (launch/cli.py)
   assert bad.stderr.strip().splitlines()[-1] == f"error: {tmp_path}/missing.jsonl: no such file"

@@ -66,7 +66,7 @@ def test_non_finite_raises_one_step_late_naming_step_and_checkpoint():
     11, {"train/loss": jnp.float32(jnp.nan), "train/gnorm": jnp.float32(1.0)}, last_good_checkpoint=10
   ) == (10, {"train/loss": 1.0})
   # ... but fetching it, when step 12 is pushed, does.
-  expected = r"step 11: train/loss=nan \(last good checkpoint: step 10\)"
+  expected = r"step 11: train/loss=nan \(last finite checkpoint: step 10; nothing non-finite was saved\)"
   with pytest.raises(metrics.NonFiniteError, match=expected) as e:
     d.push(12, {"train/loss": jnp.float32(0.5)})
   assert e.value.step == 11 and e.value.last_good_checkpoint == 10
@@ -98,3 +98,21 @@ def test_progress_bar_rate_is_smoothed_over_a_window(monkeypatch):
       bar.update(step, tokens=1000)
     # window of 4 intervals: from t=1.01 (2000 tokens) to t=3.01 (6000 tokens)
     assert bar.tokens_per_sec == pytest.approx(4000 / 2.0)
+
+
+def test_rows_are_on_disk_at_once_and_a_resume_replaces_the_rows_past_its_step(tmp_path):
+  w = metrics.MetricWriter(tmp_path, tensorboard=False)
+  for step in (1, 2, 3, 4):
+    w.write(step, {"train/loss": float(step)})
+  # Not closed (a SIGKILL now): every row is in the file already.
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4]
+  w.sync()
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 5, "train/lo')          # torn by a kill mid-write
+  w._file = None                               # the killed process never closes it
+  with metrics.MetricWriter(tmp_path, tensorboard=False, after_step=2) as w:   # resumed from checkpoint 2
+    w.write(3, {"train/loss": 3.5})
+  rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [(r["step"], r["train/loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 3.5)]
+  assert metrics.truncate_rows_after(str(tmp_path / "metrics.jsonl"), 3) == 0

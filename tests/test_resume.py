@@ -1,5 +1,7 @@
-"""A run SIGKILLed mid-way and started again ends bit-identical to an uninterrupted run (CPU)."""
+"""A run SIGKILLed twice mid-way and started again ends bit-identical to an uninterrupted run (CPU),
+and its metrics.jsonl holds the uninterrupted run's rows, each step once (timing fields aside)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -57,13 +59,21 @@ def _abstract(path):
   return models.abstract_params(train.resolve(c).model)
 
 
+def _rows(workdir):
+  """metrics.jsonl without its timing fields (perf/*: seconds, tokens/s, MFU)."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith("perf/")} for line in f]
+
+
 def test_sigkill_and_resume_is_bit_identical(tmp_path):
   straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
   r = _run(straight, -1)
   assert r.returncode == 0, r.stderr[-2000:]
-  r = _run(killed, 7)
-  assert r.returncode == -9, r.stderr[-2000:]          # really killed, mid-run
+  for kill_at in (4, 8):   # after steps 5 and 9 ran; checkpoints at 3, 6, 9
+    r = _run(killed, kill_at)
+    assert r.returncode == -9, r.stderr[-2000:]          # really killed, mid-run
   assert not os.path.isdir(os.path.join(killed, "checkpoints", "10"))
+  assert len(_rows(killed)) > 5                          # what the killed runs logged reached the file
   r = _run(killed, -1)
   assert r.returncode == 0, r.stderr[-2000:]
   assert "resumed from" in r.stdout
@@ -71,3 +81,6 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path):
   assert len(a) == len(b) > 0
   for x, y in zip(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  rows = _rows(straight)
+  assert [r["step"] for r in rows] == [*range(1, 11), 10]   # 10 train rows and the final eval
+  assert _rows(killed) == rows

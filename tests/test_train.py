@@ -1,5 +1,7 @@
 """A few steps of each trainer reduce the loss on tiny data; NaN stops the run naming the step."""
 
+import os
+
 import pytest
 
 from calm_jax.training import metrics, train, trainers
@@ -93,11 +95,15 @@ def test_nan_names_the_step(tmp_path, monkeypatch):
     def step(state, batch, key, ae_params=None):
       new, m = step_fn(state, batch, key, ae_params)
       m = dict(m)
-      m["train/loss"] = m["train/loss"] / (state["step"] != 3)   # inf at step 3
+      m["train/loss"] = m["train/loss"] / (state["step"] != 3)   # inf in the 4th update: step 4
       return new, m
     return step
 
   monkeypatch.setattr(trainers, "make_train_step", poisoned)
   c = _one_layer(_config("transformer_tiny", steps=6, **{"train.checkpoint_every": 2}))
-  with pytest.raises(metrics.NonFiniteError, match=r"at step 3: .*last good checkpoint: step 2"):
+  # Steps count from 1 as metrics.jsonl and the checkpoints do; step 4 would have been saved: it is not.
+  expected = r"at step 4: train/loss=inf .*last finite checkpoint: step 2 in"
+  with pytest.raises(metrics.NonFiniteError, match=expected):
     train.run(c, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+  assert [r["step"] for r in train.read_metrics(str(tmp_path))] == [1, 2, 3]

@@ -101,7 +101,7 @@ def prepare(source_spec, out_dir: str, tokenizer: TextTokenizer | str | None, bl
     encode_batch_size: documents per ``encode_batch`` call.
     max_documents: stop after this many documents of ``source_spec`` (for smoke runs).
     overwrite: replace an existing prepared directory.
-    progress: show a tqdm bar.
+    progress: show a tqdm bar (on a terminal only: none in logs and pipes).
 
   Returns:
     The manifest dict (also written as ``out_dir/manifest.json``).
@@ -121,6 +121,7 @@ def prepare(source_spec, out_dir: str, tokenizer: TextTokenizer | str | None, bl
 
   if os.path.exists(os.path.join(out_dir, MANIFEST)) and not overwrite:
     raise DataError(f"{out_dir}: already holds a prepared data set (pass overwrite=True)")
+  check_out_dir(out_dir)
   # Build in a sibling temp dir and rename at the end, so a crash never leaves a
   # directory that looks complete.
   tmp_dir = out_dir.rstrip("/") + ".incomplete"
@@ -136,7 +137,7 @@ def prepare(source_spec, out_dir: str, tokenizer: TextTokenizer | str | None, bl
   writers = {s: _ShardWriter(tmp_dir, s, blocks_per_shard) for s in SPLITS}
 
   def consume(src: sources_lib.Source, docs: Iterator, split_of, total: int | None, desc: str) -> None:
-    with tqdm.tqdm(total=total, desc=desc, unit=" docs", disable=not progress,
+    with tqdm.tqdm(total=total, desc=desc, unit=" docs", disable=None if progress else True,
                    dynamic_ncols=True) as bar:
       for batch in _batched(docs, encode_batch_size):
         texts = [(i, d) for i, d in enumerate(batch) if isinstance(d, str)]
@@ -171,6 +172,12 @@ def prepare(source_spec, out_dir: str, tokenizer: TextTokenizer | str | None, bl
     raise
   for w in writers.values():
     w.close()
+  stats = {s: packers[s].finish() for s in SPLITS}
+  if not stats["train"].blocks:
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    t = stats["train"]
+    raise DataError(f"{source.description}: gives no training block ({t.documents} documents, "
+                    f"{t.document_tokens} tokens; a block holds {block_length}): nothing written")
 
   manifest = {
       "format": FORMAT,
@@ -193,14 +200,22 @@ def prepare(source_spec, out_dir: str, tokenizer: TextTokenizer | str | None, bl
       "splits": {},
   }
   for s in SPLITS:
-    stats = dataclasses.asdict(packers[s].finish())
-    manifest["splits"][s] = {**stats, "shards": writers[s].shards}
+    manifest["splits"][s] = {**dataclasses.asdict(stats[s]), "shards": writers[s].shards}
   with open(os.path.join(tmp_dir, MANIFEST), "w", encoding="utf-8") as f:
     json.dump(manifest, f, indent=2, sort_keys=True)
   if os.path.exists(out_dir):
     shutil.rmtree(out_dir)
   os.replace(tmp_dir, out_dir)
   return manifest
+
+
+def check_out_dir(out_dir: str) -> None:
+  """DataError unless ``out_dir`` is new, empty or a prepared data set: ``prepare`` replaces only those."""
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise DataError(f"{out_dir}: is a file, not a directory; nothing written")
+  if os.path.isdir(out_dir) and not os.path.isfile(os.path.join(out_dir, MANIFEST)) and os.listdir(out_dir):
+    raise DataError(f"{out_dir}: is not empty and not a prepared data set (no {MANIFEST}); choose a new or "
+                    "empty directory (nothing written)")
 
 
 def load_manifest(data_dir: str) -> dict[str, Any]:

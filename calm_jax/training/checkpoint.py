@@ -27,6 +27,12 @@ tried.  Once an older step restores, the unreadable newer ones are *moved* (neve
 deleted) to ``<directory>.unreadable/`` so that the run can save those steps
 again and they do not count towards ``max_to_keep``.  If no step is readable a
 :class:`CheckpointError` lists each step's reason and nothing is moved.
+
+A checkpoint holding NaN or Inf (:func:`all_finite` of the restored state) is
+treated the same way: a restart never resumes from a non-finite state; such
+steps move to ``<directory>.nonfinite/``.  The train loop checks a state before
+saving it, so only checkpoints written before that check existed can be
+non-finite; hence ``max_to_keep`` never deletes the last finite checkpoint.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -43,6 +50,7 @@ from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -110,7 +118,62 @@ def install_preemption_handler(signals=(signal.SIGTERM,)) -> PreemptionFlag:
   return flag
 
 
+# --------------------------------------------------------------------------- orbax's event loop
+
+
+def _is_closed_loop_error(exc: BaseException | None) -> bool:
+  return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+
+
+class _ClosedLoopFilter(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (_is_closed_loop_error(exc) or "Event loop is closed" in record.getMessage())
+
+
+def _quiet_closed_event_loops() -> None:
+  """Silence ``RuntimeError: Event loop is closed`` left behind by a failed orbax read.
+
+  When a read of a corrupt checkpoint fails, orbax's other pending reads are
+  abandoned; collected after their event loop closed, each prints that
+  traceback (20-80 of them), burying the one-line report of the failure itself.
+  Only that error is dropped: everything else reaches the previous hooks.
+  """
+  if getattr(sys.unraisablehook, "_calm_jax", False):
+    return
+  sys.unraisablehook = _drop_closed_loop_errors(sys.unraisablehook)
+  threading.excepthook = _drop_closed_loop_errors(threading.excepthook)
+  logging.getLogger("asyncio").addFilter(_ClosedLoopFilter())
+
+
+def _drop_closed_loop_errors(previous: Callable) -> Callable:
+  """A ``sys.unraisablehook`` / ``threading.excepthook`` passing all but that error on to ``previous``."""
+
+  def hook(info):
+    if not _is_closed_loop_error(info.exc_value):
+      previous(info)
+
+  hook._calm_jax = True
+  return hook
+
+
+_quiet_closed_event_loops()
+
+
 # --------------------------------------------------------------------------- helpers
+
+
+@jax.jit
+def _leaves_finite(leaves):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def all_finite(tree: PyTree) -> bool:
+  """True when every floating-point array of ``tree`` is free of NaN and Inf (one device reduction)."""
+  leaves = [x for x in jax.tree.leaves(tree)
+            if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+  return not leaves or bool(_leaves_finite(leaves))
+
 
 
 def _default_sharding() -> jax.sharding.Sharding:
@@ -235,19 +298,30 @@ class Checkpointer:
   def step_dir(self, step: int) -> epath.Path:
     return self.directory / str(step)
 
+  def should_save(self, step: int) -> bool:
+    """Whether ``maybe_save(step, ...)`` would save now (the interval or a preemption says so)."""
+    step = int(step)
+    return step not in self._mngr.all_steps() and bool(self._mngr.should_save(step))
+
   # -- saving
-  def maybe_save(self, step: int, state: PyTree, data_iter: Any = None, *, force: bool = False) -> bool:
+  def maybe_save(self, step: int, state: PyTree, data_iter: Any = None, *, force: bool = False,
+                 check_finite: bool = True) -> bool:
     """Save if the interval (or a preemption, or ``force``) says so; True if a save started.
 
     ``data_iter``'s position is captured before this returns, so the loop may
     advance it at once.  A step that is already saved is not saved again
-    (e.g. a final save right after an interval save).
+    (e.g. a final save right after an interval save).  A state holding NaN or
+    Inf is never saved (``check_finite``: :class:`CheckpointError`; pass False
+    only when the caller has just checked), so that keeping the newest
+    ``max_to_keep`` steps never deletes the last finite one.
     """
     step = int(step)
     if step in self._mngr.all_steps():
       return False
     if not force and not self._mngr.should_save(step):
       return False
+    if check_finite and not all_finite(state):
+      raise CheckpointError(f"step {step}: the state holds NaN or Inf; not saved in {self.directory}")
     items = {STATE: ocp.args.StandardSave(state)}
     if data_iter is not None:
       if _is_grain_iterator(data_iter):
@@ -260,9 +334,9 @@ class Checkpointer:
       items[CONFIG] = ocp.args.JsonSave(self._config)
     return bool(self._mngr.save(step, args=ocp.args.Composite(**items), force=True))
 
-  def save_final(self, step: int, state: PyTree, data_iter: Any = None) -> None:
+  def save_final(self, step: int, state: PyTree, data_iter: Any = None, *, check_finite: bool = True) -> None:
     """Save unconditionally (unless this step is saved already) and wait until it is on disk."""
-    self.maybe_save(step, state, data_iter, force=True)
+    self.maybe_save(step, state, data_iter, force=True, check_finite=check_finite)
     self.wait()
 
   def wait(self) -> None:
@@ -281,13 +355,15 @@ class Checkpointer:
     self.close()
 
   # -- restoring
-  def restore(self, abstract_state: PyTree, data_iter: Any = None, *, step: int | None = None) -> Restored:
-    """Restore ``step`` (default: the newest readable one) onto ``abstract_state``.
+  def restore(self, abstract_state: PyTree, data_iter: Any = None, *, step: int | None = None,
+              check_finite: bool = True) -> Restored:
+    """Restore ``step`` (default: the newest readable, finite one) onto ``abstract_state``.
 
     ``data_iter``, if given, has its position set in place.  With ``step=None``
-    an unreadable newest checkpoint is skipped with a warning and the previous
-    one is used (see the module docstring).  Raises :class:`CheckpointError` if
-    there is no checkpoint or none is readable.
+    an unreadable newest checkpoint, or one holding NaN/Inf (``check_finite``),
+    is skipped with a warning and the previous one is used (see the module
+    docstring).  Raises :class:`CheckpointError` if there is no checkpoint or
+    none is readable and finite.
     """
     self._mngr.reload()
     steps = [step] if step is not None else sorted(self._mngr.all_steps(), reverse=True)
@@ -295,19 +371,30 @@ class Checkpointer:
       raise CheckpointError(f"no checkpoint in {self.directory}")
     target = abstract_target(abstract_state)
     failed: list[tuple[int, str]] = []
+    nonfinite: list[int] = []
     for s in steps:
       try:
         state, config = self._restore_step(s, target, data_iter)
       except Exception as err:  # noqa: BLE001 - any unreadable file; the error is reported below
-        reason = _one_line(err)
-        log.warning("checkpoint %s is unreadable (%s); trying the previous one", self.step_dir(s), reason)
-        failed.append((s, reason))
+        failed.append((s, _one_line(err)))
         continue
+      if check_finite and not all_finite(state):
+        nonfinite.append(s)
+        continue
+      # Warnings only when an older step took over; if none does, the one error below says it all.
+      for f, reason in failed:
+        log.warning("checkpoint %s is unreadable (%s); using step %d", self.step_dir(f), reason, s)
+      for f in nonfinite:
+        log.warning("checkpoint %s holds NaN or Inf values; using step %d", self.step_dir(f), s)
       if failed:
         self._move_aside([f for f, _ in failed])
+      if nonfinite:
+        self._move_aside(nonfinite, ".nonfinite")
       return Restored(state, s, "resume", str(self.step_dir(s)), config)
+    reasons = sorted([*failed, *((s, "NaN or Inf values") for s in nonfinite)], reverse=True)
     raise CheckpointError(
-      f"no readable checkpoint in {self.directory}: " + "; ".join(f"step {s}: {r}" for s, r in failed)
+      f"no readable checkpoint in {self.directory}: "
+      + "; ".join(f"step {s}: {r}" for s, r in reasons)
     )
 
   def _restore_step(self, step: int, target: PyTree, data_iter: Any):
@@ -332,15 +419,15 @@ class Checkpointer:
       data_iter.set_state(out[DATA_JSON])
     return out[STATE], (dict(out[CONFIG]) if has_config else None)
 
-  def _move_aside(self, steps: list[int]) -> None:
-    """Move unreadable step dirs to ``<directory>.unreadable/<step>-<time>`` (process 0)."""
+  def _move_aside(self, steps: list[int], suffix: str = ".unreadable") -> None:
+    """Move step dirs to ``<directory><suffix>/<step>-<time>`` (process 0): kept, but out of the run."""
     if jax.process_index() == 0:
-      aside = epath.Path(str(self.directory) + ".unreadable")
+      aside = epath.Path(str(self.directory) + suffix)
       aside.mkdir(parents=True, exist_ok=True)
       for s in steps:
         dest = aside / f"{s}-{time.strftime('%Y%m%d-%H%M%S')}"
         self.step_dir(s).rename(dest)  # epath: also works on gs:// paths
-        log.warning("moved unreadable checkpoint %s to %s", self.step_dir(s), dest)
+        log.warning("moved %s checkpoint %s to %s", suffix.lstrip("."), self.step_dir(s), dest)
     _sync("calm_jax_checkpoint_move_aside")
     self._mngr.reload()
 

@@ -41,17 +41,25 @@ import numpy as np
 
 
 class NonFiniteError(FloatingPointError):
-  """A metric was NaN or Inf; the message names the step and the last good checkpoint."""
+  """A metric was NaN or Inf; the one-line message names the step and the last finite checkpoint.
 
-  def __init__(self, step: int, bad: Mapping[str, Any], last_good_checkpoint: int | None = None):
+  ``step`` is numbered as the caller numbers it (the train loop: as ``metrics.jsonl``
+  and the checkpoints do, the first step being 1).  ``directory``, when given, is
+  where that checkpoint lies.
+  """
+
+  def __init__(self, step: int, bad: Mapping[str, Any], last_good_checkpoint: int | None = None,
+               directory: str | None = None):
     self.step, self.bad, self.last_good_checkpoint = step, dict(bad), last_good_checkpoint
+    self.directory = directory
     where = ", ".join(f"{k}={v}" for k, v in sorted(self.bad.items()))
-    ckpt = (
-      "no checkpoint saved yet"
-      if last_good_checkpoint is None
-      else f"last good checkpoint: step {last_good_checkpoint}"
-    )
-    super().__init__(f"non-finite metrics at step {step}: {where} ({ckpt})")
+    if last_good_checkpoint is None:
+      ckpt = "no checkpoint saved yet"
+    else:
+      ckpt = f"last finite checkpoint: step {last_good_checkpoint}"
+      if directory:
+        ckpt += f" in {directory}"
+    super().__init__(f"non-finite metrics at step {step}: {where} ({ckpt}; nothing non-finite was saved)")
 
 
 def _is_main() -> bool:
@@ -115,18 +123,55 @@ def _summary_writer_class():
   return SummaryWriter
 
 
+def truncate_rows_after(path: str, step: int) -> int:
+  """Drop the rows of a JSON-lines metrics file whose ``step`` is > ``step``; returns how many went.
+
+  A torn last line (a process killed mid-write) goes too.  The file is replaced
+  atomically (written beside it, fsynced, renamed), so a kill during this leaves
+  either the old or the new file.
+  """
+  if not os.path.isfile(path):
+    return 0
+  with open(path, encoding="utf-8") as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      row = json.loads(line) if line.endswith("\n") else None
+    except json.JSONDecodeError:
+      row = None
+    if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+      kept.append(line)
+  if len(kept) == len(lines):
+    return 0
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.writelines(kept)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+  return len(lines) - len(kept)
+
+
 class MetricWriter:
   """Appends one JSON object per ``write`` to ``metrics.jsonl`` and scalars to TensorBoard.
 
   Only process 0 writes; elsewhere every method is a no-op.  Appending (not
-  truncating) keeps the history of a resumed run in one file.
+  truncating) keeps the history of a resumed run in one file; with
+  ``after_step`` (the step a run resumes from) the rows a killed process had
+  logged past it are dropped first, so that the steps it runs again appear once.
+  Every row reaches the operating system when it is written (the file is line
+  buffered: a SIGKILL loses nothing written); :meth:`sync` also fsyncs it (the
+  train loop calls it before each checkpoint).  TensorBoard events are only
+  appended: after a resume, the re-run steps appear twice there.
 
   Args:
     workdir: run directory.
     tensorboard: also write TensorBoard events under ``<workdir>/tb``.
+    after_step: drop existing rows with a larger ``step`` (None: keep every row).
   """
 
-  def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True):
+  def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True, after_step: int | None = None):
     self.enabled = _is_main()
     self.path = os.path.join(os.fspath(workdir), "metrics.jsonl")
     self._file = None
@@ -134,7 +179,9 @@ class MetricWriter:
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._file = open(self.path, "a")  # noqa: SIM115 - held open for the run, closed in close()
+    if after_step is not None:
+      truncate_rows_after(self.path, int(after_step))
+    self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - line buffered; closed in close()
     if tensorboard:
       self._tb = _summary_writer_class()(logdir=os.path.join(os.fspath(workdir), "tb"), flush_secs=30)
 
@@ -154,6 +201,12 @@ class MetricWriter:
       self._file.flush()
     if self._tb is not None:
       self._tb.flush()
+
+  def sync(self) -> None:
+    """Flush and fsync ``metrics.jsonl``: its rows survive a machine crash from here on."""
+    self.flush()
+    if self._file is not None:
+      os.fsync(self._file.fileno())
 
   def close(self) -> None:
     if self._file is not None:

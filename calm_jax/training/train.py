@@ -14,13 +14,24 @@
      iterator's position), or initialise; for CALM the autoencoder's parameters
      are read once from ``ae_workdir`` and passed to every step, frozen;
   5. the loop: one jitted step with the state donated; metrics fetched one step
-     late (a NaN/Inf stops the run naming the step and the last good
-     checkpoint); evaluation every ``train.eval_every`` steps and at the end;
-     checkpoints every ``train.checkpoint_every`` steps, on SIGTERM and at the end.
+     late, except on the steps that save or evaluate, where the step's own
+     metrics (and, before a save, the state) are checked first: a NaN/Inf stops
+     the run (:class:`metrics.NonFiniteError`) naming the step and the last
+     finite checkpoint, and nothing non-finite is ever saved; evaluation every
+     ``train.eval_every`` steps and at the end; checkpoints every
+     ``train.checkpoint_every`` steps, on SIGTERM (then :class:`Preempted` is
+     raised) and at the end.
+
+Steps are numbered from 1 everywhere a user sees them: step ``n`` is the state
+after ``n`` updates, saved as checkpoint ``n``, logged as ``"step": n``.
 
 Workdir layout: ``config.json``, ``tokenizer/``, ``checkpoints/``,
-``metrics.jsonl``, ``tb/``.  Starting again in the same workdir resumes; a run
-whose last checkpoint is at ``train.steps`` only evaluates.
+``metrics.jsonl``, ``tb/``.  Starting again in the same workdir resumes (the
+rows of ``metrics.jsonl`` past the restored step are dropped first, so every
+step is logged once); a run whose last checkpoint is at ``train.steps`` only
+evaluates.  A workdir that holds another kind of run, another model, or
+anything but a calm_jax run is refused before anything is written
+(:func:`check_workdir`).
 """
 
 from __future__ import annotations
@@ -31,7 +42,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -46,7 +57,15 @@ from calm_jax.training.optim import OptimConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ConfigError", "Experiment", "resolve", "run"]
+__all__ = ["ConfigError", "Experiment", "Preempted", "check_workdir", "follow_data_vocab", "resolve", "run"]
+
+
+class Preempted(Exception):
+  """SIGTERM arrived: the state of ``step`` was saved in ``directory``; running again resumes there."""
+
+  def __init__(self, step: int, directory: str):
+    self.step, self.directory = int(step), str(directory)
+    super().__init__(f"preempted (SIGTERM) at step {step}: saved {directory}/{step}")
 
 
 def _say(msg: str) -> None:
@@ -217,7 +236,8 @@ def resolve(config: Any, *, check_paths: bool = True) -> Experiment:
                       f"< data.block_length={data.block_length}")
   vocab_field = "model.vocab_size" if kind == "autoencoder" else "model.backbone.vocab_size"
   vocab = model.vocab_size if kind == "autoencoder" else model.backbone.vocab_size
-  if data.auto_prepare and not data.tokenizer and vocab != data.vocab_size:
+  prepared = bool(data.dir) and os.path.isfile(os.path.join(data.dir, data_lib.blocks.MANIFEST))
+  if data.auto_prepare and not data.tokenizer and not (check_paths and prepared) and vocab != data.vocab_size:
     raise ConfigError(f"{vocab_field}: {vocab}, but the BPE tokenizer auto_prepare trains has "
                       f"data.vocab_size={data.vocab_size}")
 
@@ -268,6 +288,119 @@ def _check_eval(kind: str, model, data: DataSettings, evals: EvalSettings) -> No
     raise ConfigError(f"eval.block_length: {e}") from None
 
 
+# --------------------------------------------------------------------------- the workdir
+
+
+# Model fields that change how a step is computed, not what a checkpoint holds: a restart may change them.
+RESUMABLE_MODEL_FIELDS = frozenset({"dtype", "remat_policy", "attention_impl"})
+
+
+def _first_difference(saved: Any, ours: Any, path: str, ignore: frozenset = frozenset()) -> str | None:
+  """The first dotted key where two JSON trees differ, with both values; None when equal.
+
+  Keys named in ``ignore`` (at any depth) are not compared.
+  """
+  if isinstance(saved, dict) and isinstance(ours, dict):
+    for k in sorted((set(saved) | set(ours)) - ignore):
+      if k not in saved or k not in ours:
+        return f"{path}.{k} ({'absent' if k not in saved else repr(saved[k])} there, " \
+               f"{'absent' if k not in ours else repr(ours[k])} here)"
+      diff = _first_difference(saved[k], ours[k], f"{path}.{k}", ignore)
+      if diff:
+        return diff
+    return None
+  return None if saved == ours else f"{path}={saved!r} there, {ours!r} here"
+
+
+def check_workdir(workdir: str, config_dict: Mapping) -> dict | None:
+  """Refuse a workdir that this run could not resume without spoiling what it holds.
+
+  Refused (:class:`ConfigError` naming ``workdir`` and what it holds): a file; a
+  non-empty directory without ``config.json`` (not a calm_jax run: a prepared
+  data set, a model folder, ...); a run of another ``kind``; a run of another
+  ``model`` (any model field but :data:`RESUMABLE_MODEL_FIELDS`: the compute
+  dtype, remat policy and attention implementation).  Other fields (learning
+  rate, steps, cadences, data) may change between restarts.  Nothing is written.
+
+  Returns the workdir's saved config, or None for a new or empty directory.
+  """
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"workdir: {workdir} is a file, not a directory")
+  if not os.path.isdir(workdir):
+    return None
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    entries = sorted(e for e in os.listdir(workdir) if not e.startswith("."))
+    if entries:
+      shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+      raise ConfigError(f"workdir: {workdir} is not empty ({shown}) and holds no config.json: not a "
+                        "calm_jax run; choose a new or empty directory")
+    return None
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ConfigError(f"workdir: {path} is unreadable ({e}); choose another workdir") from None
+  if not isinstance(saved, dict):
+    raise ConfigError(f"workdir: {path} is not a calm_jax config (a JSON object)")
+  kind = config_dict.get("kind")
+  if saved.get("kind") != kind:
+    held = saved.get("kind")
+    a = lambda word: "an" if str(word)[:1] in "aeiou" else "a"
+    raise ConfigError(f"workdir: {workdir} holds {a(held)} {held!r} run, not {a(kind)} {kind!r} one; choose "
+                      "another workdir (nothing was written)")
+  ours = json.loads(json.dumps(dict(config_dict).get("model", {}), default=str))
+  diff = _first_difference(saved.get("model", {}), ours, "model", RESUMABLE_MODEL_FIELDS)
+  if diff:
+    raise ConfigError(f"workdir: {workdir} holds a run of another model: {diff}; choose another "
+                      "workdir (nothing was written)")
+  return saved
+
+
+def follow_data_vocab(config, overridden: Sequence[str] = ()) -> str | None:
+  """Set the model's vocabulary from the data's tokenizer unless ``overridden`` names it; in place.
+
+  ``overridden``: the config fields set explicitly (e.g. from ``--config.*``
+  flags, as ``model.backbone.vocab_size``).  The size is read from ``data.dir``'s
+  manifest when prepared, else from ``data.tokenizer``, else it is
+  ``data.vocab_size`` (the BPE that auto-prepare trains).  Conversely an explicit
+  model vocabulary sets ``data.vocab_size`` for that BPE unless that is set too.
+  Returns a note of what changed, or None.  A mismatch that remains (both set)
+  is reported by :func:`resolve` / the data check, naming both values.
+  """
+  kind = config.get("kind")
+  if kind not in _MODEL_TYPES or "model" not in config or "data" not in config:
+    return None
+  field = "model.vocab_size" if kind == "autoencoder" else "model.backbone.vocab_size"
+  holder = config.model if kind == "autoencoder" else config.model.get("backbone")
+  if holder is None or "vocab_size" not in holder:
+    return None
+  data = config.data
+  if field in overridden:
+    if "data.vocab_size" not in overridden and "vocab_size" in data and data.vocab_size != holder.vocab_size:
+      data.vocab_size = holder.vocab_size
+    return None
+  manifest = os.path.join(data.get("dir") or "", data_lib.blocks.MANIFEST)
+  if data.get("dir") and os.path.isfile(manifest):
+    vocab, source = data_lib.load_manifest(data.dir)["vocab_size"], f"{data.dir}'s tokenizer"
+  elif data.get("tokenizer"):
+    try:
+      vocab = data_lib.load_tokenizer(data.tokenizer).vocab_size
+    except data_lib.DataError as e:
+      raise data_lib.DataError(f"data.tokenizer: {e}") from None
+    source = f"data.tokenizer={data.tokenizer}"
+  elif "vocab_size" in data:
+    vocab, source = data.vocab_size, "data.vocab_size"
+  else:
+    return None
+  if vocab == holder.vocab_size:
+    return None
+  old, holder.vocab_size = holder.vocab_size, int(vocab)
+  if "vocab_size" in data:
+    data.vocab_size = int(vocab)
+  return f"{field}: {vocab} from {source} (the config said {old})"
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -283,6 +416,10 @@ def prepare_data(exp: Experiment) -> dict:
   d = exp.data
   path = os.path.join(d.dir, data_lib.blocks.MANIFEST) if d.dir else ""
   if d.dir and not os.path.isfile(path) and d.auto_prepare:
+    try:
+      data_lib.blocks.check_out_dir(d.dir)   # auto-prepare replaces nothing but a prepared data set
+    except data_lib.DataError as e:
+      raise data_lib.DataError(f"data.dir: {e}") from None
     if jax.process_count() > 1:
       raise data_lib.DataError(f"data.dir: {d.dir} is not prepared; run launch.prepare once before a "
                                "multi-process job (auto_prepare is single-process only)")
@@ -324,7 +461,10 @@ def check_data(exp: Experiment, manifest: dict) -> data_lib.TextTokenizer:
     field = "model.backbone.vocab_size" if exp.kind != "autoencoder" else "model.vocab_size"
     mismatch(field, exp.vocab_size, manifest["vocab_size"])
   if d.tokenizer:
-    tok = data_lib.load_tokenizer(d.tokenizer)
+    try:
+      tok = data_lib.load_tokenizer(d.tokenizer)
+    except data_lib.DataError as e:
+      raise data_lib.DataError(f"data.tokenizer: {e}") from None
     if tok.fingerprint != manifest["tokenizer_fingerprint"]:
       raise data_lib.DataError(f"data.tokenizer: {d.tokenizer} (fingerprint {tok.fingerprint[:12]}) is not "
                                f"the tokenizer {src} was prepared with "
@@ -439,13 +579,16 @@ def run(config: Any, workdir: str) -> dict[str, float]:
   """Train (or resume) the experiment ``config`` in ``workdir``; returns the final eval metrics.
 
   Raises:
-    ConfigError: an invalid config (before anything starts).
+    ConfigError: an invalid config, or a workdir that holds something else (before anything starts).
     DataError: missing or mismatched data.
     CheckpointError: no readable checkpoint where one is needed (e.g. ``ae_workdir``).
-    metrics.NonFiniteError: a NaN/Inf metric (names the step and the last good checkpoint).
+    metrics.NonFiniteError: a NaN/Inf loss, gradient or state (names the step and the last finite
+      checkpoint; nothing non-finite was saved).
+    Preempted: SIGTERM; the state was saved (the step and directory are named).
   """
   exp = resolve(config)
   workdir = os.path.abspath(workdir)
+  saved_config = check_workdir(workdir, exp.config_dict)
   try:
     mesh = sharding.mesh_from_config(exp.mesh)
   except sharding.ShardingError as e:
@@ -456,14 +599,39 @@ def run(config: Any, workdir: str) -> dict[str, float]:
                       f"{sharding.batch_divisor(mesh)} devices of mesh.data x mesh.fsdp")
   _say(f"{exp.kind} -> {workdir}; {sharding.describe(mesh)}")
   with jax.set_mesh(mesh):   # the context mesh of every jit below
-    return _train(exp, workdir, mesh, rules)
+    return _train(exp, workdir, mesh, rules, saved_config)
 
 
-def _train(exp: Experiment, workdir: str, mesh, rules) -> dict[str, float]:
+def _check_workdir_tokenizer(workdir: str, tok) -> None:
+  saved = os.path.join(workdir, "tokenizer")
+  if not os.path.isfile(os.path.join(saved, "tokenizer.json")):
+    return
+  try:
+    fingerprint = data_lib.load_tokenizer(saved).fingerprint
+  except data_lib.DataError:
+    return   # unreadable: the run's own copy is rewritten below
+  if fingerprint != tok.fingerprint:
+    raise data_lib.DataError(f"data.dir: tokenised with another tokenizer ({tok.fingerprint[:12]}) than the "
+                             f"run in {workdir} ({fingerprint[:12]}); choose another workdir")
+
+
+def _changes(saved: dict | None, ours: dict) -> str:
+  if not saved:
+    return ""
+  saved = {k: v for k, v in saved.items() if k != "model"}
+  ours = json.loads(json.dumps({k: v for k, v in ours.items() if k != "model"}, default=str))
+  return _first_difference(saved, ours, "config") or ""
+
+
+def _train(exp: Experiment, workdir: str, mesh, rules, saved_config: dict | None = None) -> dict[str, float]:
   """:func:`run` after the config and the mesh are settled, under ``jax.set_mesh(mesh)``."""
 
   manifest = prepare_data(exp)
   tok = check_data(exp, manifest)
+  _check_workdir_tokenizer(workdir, tok)
+  changed = _changes(saved_config, exp.config_dict)
+  if changed:
+    _say(f"config differs from the saved one ({changed.removeprefix('config.')}); config.json rewritten")
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     metrics.save_config_json(workdir, exp.config_dict)
@@ -514,7 +682,7 @@ def _train(exp: Experiment, workdir: str, mesh, rules) -> dict[str, float]:
   peak, peak_source = peak_flops(exp)
   _say(f"{flops_per_token / 1e6:.3g} MFLOPs per token; peak {peak / 1e12:.3g} TFLOP/s over "
        f"{jax.device_count()} device(s) ({peak_source})")
-  writer = metrics.MetricWriter(workdir)
+  writer = metrics.MetricWriter(workdir, after_step=start)   # rows a killed run logged past `start` go
   deferred = metrics.DeferredMetrics()
   preempted = checkpoint.install_preemption_handler()
   bar = metrics.ProgressBar(total, start, desc=exp.kind)
@@ -525,8 +693,8 @@ def _train(exp: Experiment, workdir: str, mesh, rules) -> dict[str, float]:
   def consume(ready):
     if ready is None:
       return
-    done, host = ready[0] + 1, ready[1]
-    bar.update(ready[0], tokens_per_step, loss=host["train/loss"])
+    done, host = ready
+    bar.update(done - 1, tokens_per_step, loss=host["train/loss"])
     now = time.perf_counter()
     if clock["t"] is None:
       clock["t"] = now
@@ -543,30 +711,45 @@ def _train(exp: Experiment, workdir: str, mesh, rules) -> dict[str, float]:
       clock.update(t=now, steps=0)
       writer.write(done, host)
 
+  def save(done, final=False):
+    """Check ``state`` (its metrics were just fetched) and save it: nothing non-finite reaches the disk."""
+    if not checkpoint.all_finite(state):
+      raise metrics.NonFiniteError(done, {"state": "NaN/Inf in the parameters or optimizer state"},
+                                   ckpt.latest_step())
+    writer.sync()   # every row up to `done` is on disk before checkpoint `done` is
+    if final:
+      ckpt.save_final(done, state, train_it, check_finite=False)
+    else:
+      ckpt.maybe_save(done, state, train_it, force=True, check_finite=False)
+
   try:
     for step in range(start, total):
+      done = step + 1   # the step number of the state this step produces
       batch = sharding.put_batch(mesh, next(train_it))
       state, m = step_jit(state, batch, train_key, ae_params)
-      consume(deferred.push(step, m, last_good_checkpoint=ckpt.latest_step()))
-      done = step + 1
-      if done % exp.train.eval_every == 0 and done < total:
-        consume(deferred.flush())   # this step's metrics first: eval must not hide a NaN
+      consume(deferred.push(done, m, last_good_checkpoint=ckpt.latest_step()))
+      evaluate_now = done % exp.train.eval_every == 0 and done < total
+      save_now = bool(preempted) or ckpt.should_save(done)
+      if evaluate_now or save_now:
+        consume(deferred.flush())   # this step's metrics first: neither eval nor a save may hide a NaN
+      if evaluate_now:
         last_eval = run_eval(state["params"])
         writer.write(done, last_eval)
         bar.update(step, 0, **{k.removeprefix("eval/"): v for k, v in last_eval.items()
                                if k != "eval/count"})
         clock.update(t=None, steps=0)   # evaluation time is not training throughput
         bar.restart_rate()
-      ckpt.maybe_save(done, state, train_it, force=bool(preempted))
+      if save_now:
+        save(done)
       if preempted:
         ckpt.wait()
-        consume(deferred.flush())
-        _say(f"preempted: saved step {done} in {ckpt.directory}; start again to resume")
-        return last_eval
+        raise Preempted(done, ckpt.directory)
     consume(deferred.flush())
     last_eval = run_eval(state["params"])
     writer.write(total, last_eval)
-    ckpt.save_final(total, state, train_it)
+    save(total, final=True)
+  except metrics.NonFiniteError as e:
+    raise metrics.NonFiniteError(e.step, e.bad, e.last_good_checkpoint, str(ckpt.directory)) from None
   finally:
     bar.close()
     writer.close()
