@@ -193,3 +193,32 @@ def forward_flops(cfg: EnergyConfig, out_channels: int, num_samples: int, calls:
   if train:
     return 2.0 * (num_samples * calls * (per_sample + cond_path) + cond)
   return 2.0 * (calls * (num_samples * per_sample + cond_path) + cond)
+
+
+def activation_bytes(cfg: EnergyConfig, out_channels: int, bytes_per_element: int) -> tuple[float, float]:
+  """Per position, N replicates x (the stream's D-wide activations -- input_proj, and per block the
+  LN, modulated input, MLP hidden and its SiLU, the gate product: ~6 -- the condition's adaLN outputs
+  (3D per block, 2D final) and the time MLP (256 + 2D)), plus the fp32 latents of the loss (x0, noise,
+  x_t, output: ~4L + C)."""
+  d, l, nb, n = cfg.backbone.hidden_size, cfg.latent_size, cfg.num_mlp_layers, cfg.num_samples
+  head = n * bytes_per_element * (d * (1 + 6 * nb + 3 * nb + 2 + 2) + FREQUENCIES + out_channels)
+  return head, 4.0 * n * (4 * l + out_channels)
+
+
+def reference_layout(cfg: EnergyConfig) -> list[tuple[tuple[str, ...], str, str]]:
+  """Our paths (under ``generative_head``) and the reference's keys (under ``generative_head.``)."""
+  e = [(("net", "time_embed_mlp_0"), "net.time_embed.mlp.0", "linear"),
+       (("net", "time_embed_mlp_2"), "net.time_embed.mlp.2", "linear"),
+       (("net", "cond_embed"), "net.cond_embed", "linear"), (("net", "input_proj"), "net.input_proj", "linear")]
+  for i in range(cfg.num_mlp_layers):
+    b, r = ("net", f"res_blocks_{i}"), f"net.res_blocks.{i}"
+    e += [(b + ("in_ln",), f"{r}.in_ln", "norm_bias"), (b + ("mlp_0",), f"{r}.mlp.0", "linear"),
+          (b + ("mlp_2",), f"{r}.mlp.2", "linear"), (b + ("adaLN_modulation_1",), f"{r}.adaLN_modulation.1", "linear")]
+  return e + [(("net", "final_layer", "linear"), "net.final_layer.linear", "linear"),
+              (("net", "final_layer", "adaLN_modulation_1"), "net.final_layer.adaLN_modulation.1", "linear")]
+
+
+def output_channels_in_state_dict(sd, prefix: str):
+  """The out channels of a reference ``SimpleMLPAdaLN`` under ``prefix`` (None when there is none)."""
+  w = sd.get(f"{prefix}.net.final_layer.linear.weight")
+  return None if w is None else w.shape[0]

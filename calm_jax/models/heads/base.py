@@ -123,6 +123,25 @@ class GenerativeHead:
     replicates) each costing :attr:`network_calls` network calls at inference, one in training."""
     raise NotImplementedError
 
+  def activation_bytes(self, bytes_per_element: int) -> tuple[float, float]:
+    """Training activations saved for the backward pass at one position, in bytes: ``(head, loss)``
+    (:func:`calm_jax.cost.memory.plan`'s non-layer row)."""
+    raise NotImplementedError
+
+  # ------------------------------------------------------------------ interop (calm_jax.interop)
+  reference_class: ClassVar[str] = ""          # the reference's model class (config.json "architectures")
+  reference_twins: ClassVar[tuple] = ()        # other prefixes the reference registers the head under
+
+  def reference_layout(self) -> list[tuple[tuple[str, ...], str, str]]:
+    """``(path under params['generative_head'], reference key under 'generative_head.', kind)`` for every
+    parameter module; kind is 'linear' (weight [out, in] + bias), 'norm' (weight) or 'norm_bias'."""
+    raise NotImplementedError
+
+  @classmethod
+  def in_state_dict(cls, sd, prefix: str, latent_size: int) -> bool:
+    """Whether a reference state dict holds this head under ``prefix`` ('generative_head')."""
+    raise NotImplementedError
+
   # ------------------------------------------------------------------ shared helpers
   def _kw(self):
     b = self.cfg.backbone

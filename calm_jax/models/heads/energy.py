@@ -202,3 +202,31 @@ class Energy(base.GenerativeHead):
     else:
       per_position += cond_proj + nb * block_cond
     return 2.0 * (num_samples * per_sample + per_position)
+
+  def activation_bytes(self, bytes_per_element):
+    """N samples x (the noise stream's D-wide activations: 6 + 12 per block, and the latent); the
+    score's N x N and N x M distances (fp32, with their gradients) and the M posterior samples."""
+    cfg = self.cfg
+    d, n, m, lat = cfg.backbone.hidden_size, cfg.num_samples, cfg.num_target_samples, cfg.latent_size
+    head = n * bytes_per_element * (d * (6 + 12 * cfg.num_mlp_layers) + lat)
+    return head, 12 * (n * n + n * m) + 4 * m * lat
+
+  # ------------------------------------------------------------------ interop
+  reference_class = "EnergyTransformer"
+  reference_twins = ("mlp_generator",)   # EnergyTransformer registers its MLPGenerator twice
+
+  def reference_layout(self):
+    e = [(("noise_embd",), "noise_embd", "linear"), (("hidden_embd",), "hidden_embd", "linear"),
+         (("norm_noise",), "norm_noise", "norm_bias"), (("norm_hidden",), "norm_hidden", "norm_bias")]
+    for j in range(self.cfg.num_mlp_layers):
+      b, r = f"mlp_blocks_{j}", f"mlp_blocks.{j}"
+      e += [((b, "in_ln"), f"{r}.in_ln", "norm_bias"), ((b, "linear_0"), f"{r}.linears.0", "linear"),
+            ((b, "linear_1"), f"{r}.linears.2", "linear"), ((b, "linear_2"), f"{r}.linears.4", "linear"),
+            ((b, "down_proj"), f"{r}.down_proj", "linear")]
+    return e + [(("final_in_ln",), "final_layer.in_ln", "norm_bias"),
+                (("final_linear_0",), "final_layer.linears.0", "linear"),
+                (("final_linear_1",), "final_layer.linears.2", "linear")]
+
+  @classmethod
+  def in_state_dict(cls, sd, prefix, latent_size):
+    return f"{prefix}.noise_embd.weight" in sd

@@ -110,3 +110,15 @@ class Flow(base.GenerativeHead):
     base.check_convention(convention)
     return adaln_mlp.forward_flops(self.cfg, self.cfg.latent_size, num_samples,
                                    1 if train else self.network_calls, train, convention)
+
+  def activation_bytes(self, bytes_per_element):
+    return adaln_mlp.activation_bytes(self.cfg, self.cfg.latent_size, bytes_per_element)
+
+  reference_class = "FlowTransformer"
+
+  def reference_layout(self):
+    return adaln_mlp.reference_layout(self.cfg)
+
+  @classmethod
+  def in_state_dict(cls, sd, prefix, latent_size):
+    return adaln_mlp.output_channels_in_state_dict(sd, prefix) == latent_size
