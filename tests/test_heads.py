@@ -73,8 +73,8 @@ def test_diffusion_tables_match_the_reference_schedule():
   assert len(keep) == 100 and list(keep[:11]) == [0, 10, 20, 30, 40, 50, 61, 71, 81, 91, 101]
   assert list(keep[-5:]) == [959, 969, 979, 989, 999]
   np.testing.assert_allclose(sp["betas"][[0, -1]], [4.13e-5, 0.99999], rtol=2e-3)
-  # Respacing keeps abar at the kept steps.
-  np.testing.assert_allclose(sp["alphas_cumprod"], tab["alphas_cumprod"][keep], rtol=1e-12)
+  # Respacing keeps abar at the kept steps (up to the float64 rounding of a re-taken cumprod).
+  np.testing.assert_allclose(sp["alphas_cumprod"], tab["alphas_cumprod"][keep], rtol=1e-10)
   assert diffusion.space_timesteps(1000, 1000) == list(range(1000))
 
 
@@ -180,10 +180,13 @@ def test_brier_and_generation_sample_the_head(head):
   np.testing.assert_array_equal(p1, direct[0])
   np.testing.assert_array_equal(p2, direct[1])
   assert not np.array_equal(np.asarray(z[0]), np.asarray(z[1]))    # two different samples
-  # K = 2 < 4: the full block with its rollout collisions.
-  per_pos = jax.jit(lambda p, a, t, k: evaluate.calm_brier_block(cfg, AE, p, a, t, k, evaluate.BrierSettings()))(
-      params, ae_p, toks, key)
-  assert per_pos.shape[0] == 2 and np.all((np.asarray(per_pos) >= -1) & (np.asarray(per_pos) <= 1))
+  # K = 2 < 4: the full block with its rollout collisions (one head here, for time; the K >= 4 form and
+  # the per-device one run for both heads in tests/sharded/heads.py).
+  if head == "diffusion":
+    per_pos = jax.jit(lambda p, a, t, k: evaluate.calm_brier_block(cfg, AE, p, a, t, k,
+                                                                   evaluate.BrierSettings()))(
+        params, ae_p, toks, key)
+    assert per_pos.shape[0] == 2 and np.all((np.asarray(per_pos) >= -1) & (np.asarray(per_pos) <= 1))
   # Generation: the first chunk at T = 1 is the head's draw of the step's row noise.
   prompts, pad, eos = [[1, 2, 3, 4], [5, 6]], V - 1, V + 5
   g = gen.generate("energy", cfg, params, prompts, key, gen.GenerationSettings(max_new_tokens=4), eos_id=eos,
@@ -196,7 +199,9 @@ def test_brier_and_generation_sample_the_head(head):
   for row, chunk in zip(g.tokens, first):
     kept = chunk[chunk != pad]                                      # PADs are removed from the text
     np.testing.assert_array_equal(row[:len(kept)], kept)
-  for method, temp in (("batch", 0.5), ("rejection", 0.5), ("two_stage", 0.7)):
+  # The temperature samplers only see the draw function; between them the two heads run all three.
+  for method, temp in {"diffusion": (("batch", 0.5), ("rejection", 0.5)),
+                       "flow": (("two_stage", 0.7), ("batch", 0.5))}[head]:
     g = gen.generate("energy", cfg, params, prompts, key,
                      gen.GenerationSettings(max_new_tokens=2, temperature=temp, method=method, num_candidates=8,
                                             max_attempts=32), eos_id=eos, pad_id=pad, ae_cfg=AE, ae_params=ae_p)
@@ -229,7 +234,7 @@ def test_interop_round_trip(head, tmp_path):
   sd = interop.export_energy(str(tmp_path / head), cfg, p, AE, ae_p)
   assert f"generative_head.net.res_blocks.0.adaLN_modulation.1.weight" in sd
   assert not any(k.startswith("mlp_generator.") for k in sd)
-  cfg2, p2, ae_cfg2, _ = interop.import_energy(str(tmp_path / head))
+  cfg2, p2, ae_cfg2, _ = interop.import_energy(str(tmp_path / head), scan_layers=True)
   assert cfg2 == cfg and ae_cfg2 == AE
   jax.tree.map(np.testing.assert_array_equal, p2, jax.tree.map(np.asarray, p))
   other = "flow" if head == "diffusion" else "diffusion"
