@@ -107,12 +107,14 @@ def with_head(cfg, params, head, args):
   zero-initialised kernels (adaLN, output) are randomised so that draws differ."""
   if head == "energy":
     return cfg, params
-  cfg = cfg.replace(head=head, diffusion_sampling_steps=args.diffusion_steps, flow_sampling_steps=args.flow_steps)
+  cfg = cfg.replace(head=head, diffusion_sampling_steps=args.diffusion_steps,
+                    flow_sampling_steps=args.flow_steps)
   fresh = jax.jit(models.init_params, static_argnums=0)(cfg, jax.random.key(5))
   keys = iter(jax.random.split(jax.random.key(6), 64))
+  zero_kernel = lambda path, x: jax.tree_util.keystr(path).endswith("['kernel']") and not bool(x.any())
   hp = jax.tree_util.tree_map_with_path(
-      lambda path, x: jax.random.normal(next(keys), x.shape) * 0.05
-      if jax.tree_util.keystr(path).endswith("['kernel']") and not bool(x.any()) else x, fresh["generative_head"])
+      lambda path, x: jax.random.normal(next(keys), x.shape) * 0.05 if zero_kernel(path, x) else x,
+      fresh["generative_head"])
   return cfg, dict(params, generative_head=hp)
 
 
@@ -177,7 +179,8 @@ def main():
       s, cs = time_jax("transformer", base_cfg, base_params, list(prompts[c["batch"]]), settings, args.repeats,
                        eos_id, pad_id)
     c.update(jax_seconds=s, jax_compile=cs, jax_tps=c["batch"] * args.max_new_tokens / s)
-    print(f"  jax {c['kind']:8s} {c['head']:9s} B={c['batch']:3d} T={c['temperature']}: {c['jax_tps']:10.1f} tok/s "
+    print(f"  jax {c['kind']:8s} {c['head']:9s} B={c['batch']:3d} T={c['temperature']}: "
+          f"{c['jax_tps']:10.1f} tok/s "
           f"(compile {cs:.1f}s)", flush=True)
 
   ref_dir = os.environ.get("CALM_REFERENCE_DIR")

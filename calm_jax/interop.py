@@ -415,7 +415,7 @@ def autoencoder_params_from_state_dict(cfg, sd, where, prefix=""):
 
 
 def import_energy(folder: str, ae_folder: str | None = None, **cfg_overrides):
-  """Reference CALM folder (energy, diffusion or flow head) -> ``(EnergyConfig, params, AutoencoderConfig, ae_params)``.
+  """Reference CALM folder (any head) -> ``(EnergyConfig, params, AutoencoderConfig, ae_params)``.
 
   The frozen autoencoder comes from the ``ae_model.*`` keys of the same file
   (the released configs' ``ae_path`` points at the authors' machine), or from
@@ -424,7 +424,8 @@ def import_energy(folder: str, ae_folder: str | None = None, **cfg_overrides):
   where = folder
   cj = read_config_json(folder)
   sd = read_state_dict(folder)
-  if not any(k.startswith("generative_head.") for k in sd) and any(k.startswith("mlp_generator.") for k in sd):
+  has = lambda prefix: any(k.startswith(prefix + ".") for k in sd)
+  if not has("generative_head") and has("mlp_generator"):
     prefixes = ["mlp_generator"]
     head = "energy"
   else:

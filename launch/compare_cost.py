@@ -26,7 +26,8 @@ _HEAD = flags.DEFINE_enum("head_convention", "factored", flops.HEAD_CONVENTIONS,
 _PAPER = flags.DEFINE_bool("paper", False, "Print the paper's Table 1 with our residuals (ignores --models, "
                            "--tokens, --context, --ae_tokens).")
 _BREAKDOWN = flags.DEFINE_bool("breakdown", False, "Also print the per-token FLOPs by part.")
-_HEADS = flags.DEFINE_bool("heads", False, "Print each generative head's training and inference FLOPs per token "
+_HEADS = flags.DEFINE_bool("heads", False,
+                           "Print each generative head's training and inference FLOPs per token "
                            "on the head-ablation base and CALM-M (flops.head_configs(); uses --context).")
 
 
@@ -96,12 +97,15 @@ def format_heads(context: int, head_convention: str) -> str:
          f"{'infer all':>12}{'head/all':>10}"]
   for name, (kind, cfg, ae_cfg) in flops.head_configs().items():
     tr = flops.flops_per_token(kind, cfg, context, train=True, ae_cfg=ae_cfg, head_convention=head_convention)
-    inf = flops.flops_per_token(kind, cfg, context, train=False, ae_cfg=ae_cfg, head_convention=head_convention)
+    inf = flops.flops_per_token(kind, cfg, context, train=False, ae_cfg=ae_cfg,
+                                head_convention=head_convention)
     h = heads.get(cfg)
     out.append(f"{name:<20}{sum(h.param_counts().values()) / 1e6:>9.2f}{h.network_calls:>7}"
-               f"{tr.head:>12.3e}{tr.total:>12.3e}{inf.head:>12.3e}{inf.total:>12.3e}{inf.head / inf.total:>10.1%}")
-  out.append("calls: network calls per sample at inference (diffusion: respaced DDPM steps; flow: 10 midpoint "
-             "steps = 20 calls, the reference code's default). Training: one call per replicate, N = num_samples.")
+               f"{tr.head:>12.3e}{tr.total:>12.3e}{inf.head:>12.3e}{inf.total:>12.3e}"
+               f"{inf.head / inf.total:>10.1%}")
+  out.append("calls: network calls per sample at inference (diffusion: respaced DDPM steps; flow: 10 "
+             "midpoint steps = 20 calls, the reference code's default). Training: one call per replicate, "
+             "N = num_samples.")
   return "\n".join(out)
 
 

@@ -5,8 +5,8 @@
       --steps=1,2,4,8,16,32,64,100 --solvers=midpoint,euler --num_blocks=256
 
   # Redraw Fig. 9 from the JSON results of several models (energy, flow, diffusion):
-  python -m launch.head_steps --plot=/runs/abl_energy/eval/head_steps.json,/runs/abl_flow/eval/head_steps.json,\\
-      /runs/abl_diffusion/eval/head_steps.json --output=/runs/fig9
+  python -m launch.head_steps --output=/runs/fig9 --plot=/runs/abl_energy/eval/head_steps.json,\\
+      /runs/abl_flow/eval/head_steps.json,/runs/abl_diffusion/eval/head_steps.json
 
 The model is evaluated as ``launch.evaluate`` does (teacher-forced two-sample
 BrierLM, the same key for every step count), once per step count with the
@@ -57,7 +57,8 @@ def step_configs(cfg, steps: list[int], solvers: list[str]) -> list[tuple[str, i
   return out
 
 
-def run_sweep(trained, data_dir: str, split: str, steps: list[int], solvers: list[str], key, batch_size: int = 8,
+def run_sweep(trained, data_dir: str, split: str, steps: list[int], solvers: list[str], key,
+              batch_size: int = 8,
               num_blocks: int = 0) -> list[dict]:
   """One curve per label: ``{'label', 'head', 'points': [{'steps', 'network_calls', 'brierlm', ...}]}``."""
   from calm_jax import data  # pylint: disable=import-outside-toplevel

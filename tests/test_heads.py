@@ -33,7 +33,8 @@ from calm_jax.parallel import sharded_losses
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 V, K = 24, 2
-BB = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+BB = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                 num_attention_heads=4,
                  num_key_value_heads=2, scan_layers=True)
 AE = AutoencoderConfig(vocab_size=V, hidden_size=32, intermediate_size=64, latent_size=8, patch_size=K)
 NEW_HEADS = ("diffusion", "flow")
@@ -100,7 +101,8 @@ def test_init_outputs_zero_and_counts_match(head):
   p = jax.jit(models.init_params, static_argnums=0)(cfg, jax.random.key(0))
   hp = p["generative_head"]
   assert models.count_params(hp) == sum(heads.get(cfg).param_counts().values())
-  out = heads.get(cfg).module().apply({"params": hp}, jnp.ones((3, 8)), jnp.array([0, 5, 999]), jnp.ones((3, 32)))
+  out = heads.get(cfg).module().apply({"params": hp}, jnp.ones((3, 8)), jnp.array([0, 5, 999]),
+                                      jnp.ones((3, 32)))
   np.testing.assert_array_equal(out, 0.0)                           # adaLN and output layers zeroed
   w = np.asarray(hp["net"]["res_blocks_0"]["mlp_0"]["kernel"])
   bound = np.sqrt(6.0 / 64)                                         # xavier_uniform(32, 32)
@@ -115,7 +117,7 @@ def test_config_errors_name_the_field():
     _cfg("diffusion").replace(diffusion_sampling_steps=1)
   with pytest.raises(ConfigError, match="^flow_solver:"):
     _cfg("flow").replace(flow_solver="rk4")
-  _cfg("flow").replace(num_samples=1)                               # one replicate is fine off the energy head
+  _cfg("flow").replace(num_samples=1)      # one replicate is fine off the energy head
 
 
 def test_flops_are_per_call_cost_times_calls():
@@ -175,7 +177,8 @@ def test_brier_and_generation_sample_the_head(head):
   p1, p2, target, _ = jax.jit(lambda p, a, t, k: evaluate.calm_teacher_forced(cfg, AE, p, a, t, k))(
       params, ae_p, toks, key)
   h, _ = EnergyModel(cfg).apply({"params": params}, toks[:, :-K], method="hidden")
-  z = h_cls.sample(params["generative_head"], h[None], sharded_losses.row_noise(cfg, key, jnp.arange(2), 5, 2))
+  z = h_cls.sample(params["generative_head"], h[None], sharded_losses.row_noise(cfg, key, jnp.arange(2), 5,
+                                                                                2))
   direct = jnp.argmax(Autoencoder(AE).apply({"params": ae_p}, z, method="decode"), -1)
   np.testing.assert_array_equal(p1, direct[0])
   np.testing.assert_array_equal(p2, direct[1])
@@ -193,9 +196,11 @@ def test_brier_and_generation_sample_the_head(head):
                    pad_id=pad, ae_cfg=AE, ae_params=ae_p)
   batch = gen.pack_prompts(prompts, K, pad)
   cache = init_cache(cfg.backbone, 2, batch.valid_BxS.shape[1] + 2)
-  hp, _ = EnergyModel(cfg).apply({"params": params}, jnp.asarray(batch.tokens_BxP), jnp.asarray(batch.positions_BxS),
+  hp, _ = EnergyModel(cfg).apply({"params": params}, jnp.asarray(batch.tokens_BxP),
+                                 jnp.asarray(batch.positions_BxS),
                                  cache, jnp.asarray(batch.valid_BxS), method="hidden")
-  first = np.asarray(gen.calm_draw_fn(cfg, AE, params, ae_p, hp[:, -1], jnp.arange(2))(jax.random.fold_in(key, 0), 1)[0])
+  first = np.asarray(gen.calm_draw_fn(cfg, AE, params, ae_p, hp[:, -1],
+                                      jnp.arange(2))(jax.random.fold_in(key, 0), 1)[0])
   for row, chunk in zip(g.tokens, first):
     kept = chunk[chunk != pad]                                      # PADs are removed from the text
     np.testing.assert_array_equal(row[:len(kept)], kept)
@@ -203,8 +208,9 @@ def test_brier_and_generation_sample_the_head(head):
   for method, temp in {"diffusion": (("batch", 0.5), ("rejection", 0.5)),
                        "flow": (("two_stage", 0.7), ("batch", 0.5))}[head]:
     g = gen.generate("energy", cfg, params, prompts, key,
-                     gen.GenerationSettings(max_new_tokens=2, temperature=temp, method=method, num_candidates=8,
-                                            max_attempts=32), eos_id=eos, pad_id=pad, ae_cfg=AE, ae_params=ae_p)
+                     gen.GenerationSettings(max_new_tokens=2, temperature=temp, method=method,
+                                            num_candidates=8, max_attempts=32),
+                     eos_id=eos, pad_id=pad, ae_cfg=AE, ae_params=ae_p)
     assert list(g.lengths) == [2, 2] and all(0 <= t < V for row in g.tokens for t in row), (method, g.tokens)
 
 
@@ -212,7 +218,8 @@ def test_samples_are_the_same_on_one_and_eight_devices():
   env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
   for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_PLATFORMS"):
     env.pop(k, None)
-  r = subprocess.run([sys.executable, os.path.join(HERE, "sharded", "heads.py")], capture_output=True, text=True,
+  r = subprocess.run([sys.executable, os.path.join(HERE, "sharded", "heads.py")], capture_output=True,
+                     text=True,
                      env=env, timeout=900)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   import json
@@ -232,7 +239,7 @@ def test_interop_round_trip(head, tmp_path):
   cfg = _cfg(head).replace(diffusion_sampling_steps=50, flow_solver="euler")
   p, ae_p = _random(cfg, 7), _ae_params()
   sd = interop.export_energy(str(tmp_path / head), cfg, p, AE, ae_p)
-  assert f"generative_head.net.res_blocks.0.adaLN_modulation.1.weight" in sd
+  assert "generative_head.net.res_blocks.0.adaLN_modulation.1.weight" in sd
   assert not any(k.startswith("mlp_generator.") for k in sd)
   cfg2, p2, ae_cfg2, _ = interop.import_energy(str(tmp_path / head), scan_layers=True)
   assert cfg2 == cfg and ae_cfg2 == AE

@@ -163,7 +163,8 @@ HEAD_KEYS = ("diffusion_net", "diffusion_mse", "diffusion_vb", "diffusion_loss",
 
 
 def _compare(ours, ref, inp):
-  for key in ("ae_mean", "ae_log_std", "ae_logits", "energy_hidden", "energy_head", "llama_logits") + HEAD_KEYS:
+  for key in ("ae_mean", "ae_log_std", "ae_logits", "energy_hidden", "energy_head",
+              "llama_logits") + HEAD_KEYS:
     assert _rel(ours[key], ref[key]) < RTOL, (key, _rel(ours[key], ref[key]))
   for key in [k for k in ref if k.startswith("tab_")]:   # float64 tables and the respaced timesteps
     np.testing.assert_allclose(ours[key], ref[key], rtol=1e-12, atol=0, err_msg=key)

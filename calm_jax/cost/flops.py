@@ -424,7 +424,8 @@ def head_configs() -> dict[str, tuple[Any, ...]]:
   head-ablation base (§7.4: d 768, 12 layers, 16 heads, FFN 2048, 3 head blocks, K = 4) and
   ``m`` CALM-M as the reference's train_{energy,diffusion,flow}.sh build it (4 head blocks)."""
   out = {}
-  for base_name, bb, blocks in (("ablation", _backbone(12, 768, 2048), 3), ("m", _backbone(16, 1024, 2752), 4)):
+  bases = (("ablation", _backbone(12, 768, 2048), 3), ("m", _backbone(16, 1024, 2752), 4))
+  for base_name, bb, blocks in bases:
     for head in HEAD_NAMES:
       kind, cfg, ae = _calm(bb)
       cfg = cfg.replace(num_mlp_layers=blocks, head=head)

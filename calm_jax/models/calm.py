@@ -27,7 +27,8 @@ from calm_jax.configs import EnergyConfig
 from calm_jax.models import heads, layers
 from calm_jax.models.backbone import Cache, LlamaModel
 # The energy head's pieces, where they were before the heads got their own package.
-from calm_jax.models.heads.energy import ConcatDense, EnergyHead, MLPBlock, _kw, _ln, sample_noise  # noqa: F401
+from calm_jax.models.heads.energy import (  # noqa: F401
+    ConcatDense, EnergyHead, MLPBlock, _kw, _ln, sample_noise)
 
 
 class EnergyModel(nn.Module):

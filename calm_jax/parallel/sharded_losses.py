@@ -119,7 +119,8 @@ def reference_energy_loss(cfg: EnergyConfig, ae_cfg: AutoencoderConfig, params, 
   head = heads.get(cfg, pairwise=pairwise)
   if cfg.head != "energy":
     h_BxSxD, _ = EnergyModel(cfg).apply({"params": params}, tokens_BxT[:, :-k], method="hidden")
-    loss = heads.base.masked_mean(head.row_losses(params["generative_head"], h_BxSxD, mean, log_std, key, rows),
+    per_position = head.row_losses(params["generative_head"], h_BxSxD, mean, log_std, key, rows)
+    loss = heads.base.masked_mean(per_position,
                                   mask)
     return loss, head.metrics(loss)
   k_noise, k_target = jax.random.split(key)

@@ -167,7 +167,8 @@ def head_outputs(name, model, inp):
         out[f"flow_sample_{solver}"] = head.sample(t("ds_c")).numpy()
     head.solver = "midpoint"
   # The whole model's training loss (labels = inputs: every position counts), every draw injected.
-  model.num_samples = model.config.num_samples    # the reference reads an attribute only EnergyTransformer sets
+  # The reference reads an attribute only EnergyTransformer sets.
+  model.num_samples = model.config.num_samples
   model.train()
   model.ae_model.eval()
   ids = t("lm_tokens")

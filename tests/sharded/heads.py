@@ -48,9 +48,11 @@ def main():
     head = heads.get(cfg)
     h, _ = jax.jit(lambda p, t: EnergyModel(cfg).apply({"params": p}, t, method="hidden"))(p, tokens)
     s = h.shape[1]
-    one = jax.jit(lambda hp, h: head.sample(hp, h[None], sharded_losses.row_noise(cfg, key, jnp.arange(B), s, 2)))(
+    one = jax.jit(lambda hp, h: head.sample(hp, h[None], sharded_losses.row_noise(cfg, key, jnp.arange(B), s,
+                                                                                  2)))(
         p["generative_head"], h)
-    ref_loss = jax.jit(lambda p, a, t, m: sharded_losses.reference_energy_loss(cfg, ae_cfg, p, a, t, key, m)[0])(
+    ref_loss = jax.jit(lambda p, a, t, m: sharded_losses.reference_energy_loss(cfg, ae_cfg, p, a, t, key,
+                                                                               m)[0])(
         p, ae_p, tokens, mask_BxT)
     brier_one = evaluate.evaluate_brier("energy", cfg, p, [{"tokens": tokens, "row_mask": row_mask}], key,
                                         ae_cfg=ae_cfg, ae_params=ae_p, progress=False)
@@ -59,7 +61,8 @@ def main():
       hs = jax.device_put(h, sharding.batch_sharding(mesh, 3))
       eight = jax.jit(sharded_losses.sharded_head_samples_fn(cfg, mesh, 2))(p["generative_head"], hs, key)
       loss_fn = sharded_losses.sharded_energy_loss_fn(cfg, ae_cfg, mesh)
-      loss8 = jax.jit(lambda p, a, t, m: loss_fn(p, a, t, key, m)[0])(p, ae_p, placed["tokens"], placed["mask"])
+      loss8 = jax.jit(lambda p, a, t, m: loss_fn(p, a, t, key, m)[0])(p, ae_p, placed["tokens"],
+                                                                      placed["mask"])
     brier_eight = evaluate.evaluate_brier("energy", cfg, p, [{"tokens": tokens, "row_mask": row_mask}], key,
                                           ae_cfg=ae_cfg, ae_params=ae_p, progress=False, mesh=mesh)
     one, eight = np.asarray(one), np.asarray(jax.device_get(eight))

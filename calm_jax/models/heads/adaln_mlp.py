@@ -52,8 +52,10 @@ class Linear(nn.Module):
     fan_in = x.shape[-1]
     w_init = {"xavier": xavier_uniform(fan_in, self.features), "normal": layers.normal_init(0.02),
               "zeros": layers.ZEROS}[self.init]
-    kernel = self.param("kernel", layers.param_init(w_init, self.axes), (fan_in, self.features), self.param_dtype)
-    bias = self.param("bias", layers.param_init(layers.ZEROS, self.axes[-1:]), (self.features,), self.param_dtype)
+    kernel = self.param("kernel", layers.param_init(w_init, self.axes), (fan_in, self.features),
+                        self.param_dtype)
+    bias = self.param("bias", layers.param_init(layers.ZEROS, self.axes[-1:]), (self.features,),
+                      self.param_dtype)
     return layers.flat_matmul(x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
 
 
@@ -87,7 +89,8 @@ class ResBlock(nn.Module):
     shift, scale, gate = jnp.split(Linear(3 * d, ("embed", "mlp"), "zeros", name="adaLN_modulation_1", **kw)(
         nn.silu(y)), 3, axis=-1)
     h = layers.LayerNorm(1e-6, name="in_ln", **kw)(x) * (1 + scale) + shift
-    h = Linear(d, ("mlp", "embed"), name="mlp_2", **kw)(nn.silu(Linear(d, ("embed", "mlp"), name="mlp_0", **kw)(h)))
+    h = nn.silu(Linear(d, ("embed", "mlp"), name="mlp_0", **kw)(h))
+    h = Linear(d, ("mlp", "embed"), name="mlp_2", **kw)(h)
     return x + gate * h
 
 
@@ -209,11 +212,13 @@ def reference_layout(cfg: EnergyConfig) -> list[tuple[tuple[str, ...], str, str]
   """Our paths (under ``generative_head``) and the reference's keys (under ``generative_head.``)."""
   e = [(("net", "time_embed_mlp_0"), "net.time_embed.mlp.0", "linear"),
        (("net", "time_embed_mlp_2"), "net.time_embed.mlp.2", "linear"),
-       (("net", "cond_embed"), "net.cond_embed", "linear"), (("net", "input_proj"), "net.input_proj", "linear")]
+       (("net", "cond_embed"), "net.cond_embed", "linear"),
+       (("net", "input_proj"), "net.input_proj", "linear")]
   for i in range(cfg.num_mlp_layers):
     b, r = ("net", f"res_blocks_{i}"), f"net.res_blocks.{i}"
     e += [(b + ("in_ln",), f"{r}.in_ln", "norm_bias"), (b + ("mlp_0",), f"{r}.mlp.0", "linear"),
-          (b + ("mlp_2",), f"{r}.mlp.2", "linear"), (b + ("adaLN_modulation_1",), f"{r}.adaLN_modulation.1", "linear")]
+          (b + ("mlp_2",), f"{r}.mlp.2", "linear"),
+          (b + ("adaLN_modulation_1",), f"{r}.adaLN_modulation.1", "linear")]
   return e + [(("net", "final_layer", "linear"), "net.final_layer.linear", "linear"),
               (("net", "final_layer", "adaLN_modulation_1"), "net.final_layer.adaLN_modulation.1", "linear")]
 

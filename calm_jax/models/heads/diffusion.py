@@ -124,7 +124,8 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
-  return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2) + jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
+  return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2)
+                + jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
 
 
 def _model_mean_logvar(tab, x_t, i, eps, v):
@@ -156,7 +157,8 @@ def hybrid_loss_terms(out_xC, x0_xL, t_x, noise_xL):
 
 def q_sample(x0_xL, t_x, noise_xL):
   tab = train_tables()
-  return _at(tab["sqrt_alphas_cumprod"], t_x) * x0_xL + _at(tab["sqrt_one_minus_alphas_cumprod"], t_x) * noise_xL
+  return (_at(tab["sqrt_alphas_cumprod"], t_x) * x0_xL
+          + _at(tab["sqrt_one_minus_alphas_cumprod"], t_x) * noise_xL)
 
 
 # --------------------------------------------------------------------------- the head
@@ -236,7 +238,8 @@ class Diffusion(base.GenerativeHead):
 
   def forward_flops(self, num_samples, train, convention="factored"):
     base.check_convention(convention)
-    return adaln_mlp.forward_flops(self.cfg, self.out_channels, num_samples, 1 if train else self.network_calls,
+    return adaln_mlp.forward_flops(self.cfg, self.out_channels, num_samples,
+                                   1 if train else self.network_calls,
                                    train, convention)
 
   def activation_bytes(self, bytes_per_element):
