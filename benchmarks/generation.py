@@ -1,7 +1,7 @@
 """Generation throughput of calm_jax against the reference (a script, not a test).
 
   python benchmarks/generation.py                      # calm_jax only
-  python benchmarks/generation.py --heads=energy,diffusion,flow --reference=no   # tokens/s per head
+  python benchmarks/generation.py --generative_heads=energy,diffusion,flow --reference=no  # per head
   CALM_REFERENCE_DIR=/work/ref CALM_REFERENCE_PYTHON=/work/refvenv/bin/python \\
       python benchmarks/generation.py --max_new_tokens=64
 
@@ -19,7 +19,7 @@ timed under the reference's own ``generate()`` (``CALM.generate`` with its
 ``LlamaForCausalLM.generate(do_sample=True, top_k=0)``) in a subprocess, one
 warm-up call first, on the same kind of device as JAX (``--reference_device``).  Results go to stdout as a Markdown table.
 
-``--heads`` times CALM with each generative head (the same backbone and
+``--generative_heads`` times CALM with each generative head (the same backbone and
 autoencoder weights; each head's zero-initialised layers randomised; diffusion
 100 DDPM steps and flow 10 midpoint steps unless ``--diffusion_steps`` /
 ``--flow_steps``).  The reference is timed for the energy head only (its
@@ -143,7 +143,8 @@ def main():
   p.add_argument("--hidden", type=int, default=256)
   p.add_argument("--layers", type=int, default=4)
   p.add_argument("--heads", type=int, default=4)
-  p.add_argument("--heads", default="energy", help="CALM's generative heads to time (energy,diffusion,flow)")
+  p.add_argument("--generative_heads", default="energy",
+                 help="CALM's generative heads to time, comma-separated (energy,diffusion,flow)")
   p.add_argument("--diffusion_steps", type=int, default=100)
   p.add_argument("--flow_steps", type=int, default=10)
   p.add_argument("--reference", choices=["auto", "yes", "no"], default="auto")
@@ -157,7 +158,7 @@ def main():
   batches = [int(b) for b in args.batches.split(",")]
   rng = np.random.default_rng(0)
   prompts = {b: rng.integers(0, args.vocab - 1, (b, args.prompt_len)).astype(np.int64) for b in batches}
-  head_names = args.heads.split(",")
+  head_names = args.generative_heads.split(",")
   cases = [dict(kind="calm", head=h, batch=b, temperature=t) for h in head_names for b in batches
            for t in (1.0, 0.5)]
   cases += [dict(kind="baseline", head="", batch=b, temperature=t) for b in batches for t in (1.0, 0.5)]
