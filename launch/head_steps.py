@@ -39,11 +39,12 @@ _PLOT = flags.DEFINE_list("plot", [], "Only draw the plot from these head_steps.
 
 
 def step_configs(cfg, steps: list[int], solvers: list[str]) -> list[tuple[str, int, object]]:
-  """``(label, steps, cfg)`` for every point of the sweep (steps a head cannot take are skipped)."""
-  from calm_jax.configs import FLOW_SOLVERS  # pylint: disable=import-outside-toplevel
+  """``(label, steps, cfg)`` for every point of the sweep.  A one-step head (energy) gives one point;
+  step counts a head refuses (diffusion needs >= 2) are skipped; ``solvers`` apply to the flow head."""
+  from calm_jax.configs import FLOW_SOLVERS, ConfigError  # pylint: disable=import-outside-toplevel
   from calm_jax.models import heads  # pylint: disable=import-outside-toplevel
-  if cfg.head == "energy":
-    return [("energy", 1, cfg)]
+  if heads.get(cfg).network_calls == 1 and cfg.head == "energy":
+    return [(cfg.head, 1, cfg)]
   out = []
   for solver in (solvers if cfg.head == "flow" else [""]):
     if cfg.head == "flow" and solver not in FLOW_SOLVERS:
@@ -51,9 +52,12 @@ def step_configs(cfg, steps: list[int], solvers: list[str]) -> list[tuple[str, i
     base = cfg.replace(flow_solver=solver) if solver else cfg
     label = f"{cfg.head}_{solver}" if solver else cfg.head
     for n in steps:
-      if cfg.head == "diffusion" and n < 2:
-        continue   # the respaced process needs two steps for its posterior variance
-      out.append((label, n, heads.get(base).with_sampling_steps(n)))
+      try:
+        out.append((label, n, heads.get(base).with_sampling_steps(n)))
+      except ConfigError:
+        continue   # e.g. one diffusion step: the respaced process has no posterior variance
+      except ValueError:
+        return [(cfg.head, 1, cfg)]   # a head without a step count
   return out
 
 
