@@ -43,8 +43,6 @@ def step_configs(cfg, steps: list[int], solvers: list[str]) -> list[tuple[str, i
   step counts a head refuses (diffusion needs >= 2) are skipped; ``solvers`` apply to the flow head."""
   from calm_jax.configs import FLOW_SOLVERS, ConfigError  # pylint: disable=import-outside-toplevel
   from calm_jax.models import heads  # pylint: disable=import-outside-toplevel
-  if heads.get(cfg).network_calls == 1 and cfg.head == "energy":
-    return [(cfg.head, 1, cfg)]
   out = []
   for solver in (solvers if cfg.head == "flow" else [""]):
     if cfg.head == "flow" and solver not in FLOW_SOLVERS:
