@@ -1,6 +1,7 @@
 """Generation throughput of calm_jax against the reference (a script, not a test).
 
   python benchmarks/generation.py                      # calm_jax only
+  python benchmarks/generation.py --generative_heads=energy,diffusion,flow --reference=no  # per head
   CALM_REFERENCE_DIR=/work/ref CALM_REFERENCE_PYTHON=/work/refvenv/bin/python \\
       python benchmarks/generation.py --max_new_tokens=64
 
@@ -17,6 +18,12 @@ timed under the reference's own ``generate()`` (``CALM.generate`` with its
 ``temperature_sampling``; the baseline with Hugging Face
 ``LlamaForCausalLM.generate(do_sample=True, top_k=0)``) in a subprocess, one
 warm-up call first, on the same kind of device as JAX (``--reference_device``).  Results go to stdout as a Markdown table.
+
+``--generative_heads`` times CALM with each generative head (the same backbone and
+autoencoder weights; each head's zero-initialised layers randomised; diffusion
+100 DDPM steps and flow 10 midpoint steps unless ``--diffusion_steps`` /
+``--flow_steps``).  The reference is timed for the energy head only (its
+diffusion and flow samplers hard-code ``.cuda()``).
 """
 
 from __future__ import annotations
@@ -95,6 +102,22 @@ def build_models(args):
   return (cfg, params, ae_cfg, ae_params), (base_cfg, base_params)
 
 
+def with_head(cfg, params, head, args):
+  """The same CALM (backbone, compression) with another generative head: fresh head parameters whose
+  zero-initialised kernels (adaLN, output) are randomised so that draws differ."""
+  if head == "energy":
+    return cfg, params
+  cfg = cfg.replace(head=head, diffusion_sampling_steps=args.diffusion_steps,
+                    flow_sampling_steps=args.flow_steps)
+  fresh = jax.jit(models.init_params, static_argnums=0)(cfg, jax.random.key(5))
+  keys = iter(jax.random.split(jax.random.key(6), 64))
+  zero_kernel = lambda path, x: jax.tree_util.keystr(path).endswith("['kernel']") and not bool(x.any())
+  hp = jax.tree_util.tree_map_with_path(
+      lambda path, x: jax.random.normal(next(keys), x.shape) * 0.05 if zero_kernel(path, x) else x,
+      fresh["generative_head"])
+  return cfg, dict(params, generative_head=hp)
+
+
 def time_jax(kind, cfg, params, prompts, settings, repeats, eos_id, pad_id, ae=(None, None)):
   best, compile_s = float("inf"), None
   for r in range(repeats + 1):   # the first call compiles; its decode time is not counted
@@ -120,6 +143,10 @@ def main():
   p.add_argument("--hidden", type=int, default=256)
   p.add_argument("--layers", type=int, default=4)
   p.add_argument("--heads", type=int, default=4)
+  p.add_argument("--generative_heads", default="energy",
+                 help="CALM's generative heads to time, comma-separated (energy,diffusion,flow)")
+  p.add_argument("--diffusion_steps", type=int, default=100)
+  p.add_argument("--flow_steps", type=int, default=10)
   p.add_argument("--reference", choices=["auto", "yes", "no"], default="auto")
   p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads for the reference")
   p.add_argument("--reference_device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -131,7 +158,11 @@ def main():
   batches = [int(b) for b in args.batches.split(",")]
   rng = np.random.default_rng(0)
   prompts = {b: rng.integers(0, args.vocab - 1, (b, args.prompt_len)).astype(np.int64) for b in batches}
-  cases = [dict(kind=k, batch=b, temperature=t) for k in ("calm", "baseline") for b in batches for t in (1.0, 0.5)]
+  head_names = args.generative_heads.split(",")
+  cases = [dict(kind="calm", head=h, batch=b, temperature=t) for h in head_names for b in batches
+           for t in (1.0, 0.5)]
+  cases += [dict(kind="baseline", head="", batch=b, temperature=t) for b in batches for t in (1.0, 0.5)]
+  calms = {h: with_head(cfg, params, h, args) for h in head_names}
 
   print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"load average {os.getloadavg()[0]:.1f}; jax {jax.__version__} on {jax.devices()[0].platform}")
@@ -142,13 +173,15 @@ def main():
     settings = gen.GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=c["temperature"],
                                       method="batch", num_candidates=200)
     if c["kind"] == "calm":
-      s, cs = time_jax("energy", cfg, params, list(prompts[c["batch"]]), settings, args.repeats, eos_id, pad_id,
-                       (ae_cfg, ae_params))
+      h_cfg, h_params = calms[c["head"]]
+      s, cs = time_jax("energy", h_cfg, h_params, list(prompts[c["batch"]]), settings, args.repeats, eos_id,
+                       pad_id, (ae_cfg, ae_params))
     else:
       s, cs = time_jax("transformer", base_cfg, base_params, list(prompts[c["batch"]]), settings, args.repeats,
                        eos_id, pad_id)
     c.update(jax_seconds=s, jax_compile=cs, jax_tps=c["batch"] * args.max_new_tokens / s)
-    print(f"  jax {c['kind']:8s} B={c['batch']:3d} T={c['temperature']}: {c['jax_tps']:10.1f} tok/s "
+    print(f"  jax {c['kind']:8s} {c['head']:9s} B={c['batch']:3d} T={c['temperature']}: "
+          f"{c['jax_tps']:10.1f} tok/s "
           f"(compile {cs:.1f}s)", flush=True)
 
   ref_dir = os.environ.get("CALM_REFERENCE_DIR")
@@ -157,6 +190,7 @@ def main():
   ref_device = args.reference_device
   if ref_device == "auto":   # the same kind of device on both sides: a like-for-like comparison
     ref_device = "cuda" if jax.devices()[0].platform == "gpu" else "cpu"
+  ref_cases = [c for c in cases if c["head"] in ("energy", "")]
   if use_ref:
     with tempfile.TemporaryDirectory() as tmp:
       interop.export_energy(os.path.join(tmp, "calm"), cfg, params, ae_cfg, ae_params, pad_token_id=pad_id,
@@ -165,7 +199,7 @@ def main():
                                  eos_token_id=eos_id)
       for b, arr in prompts.items():
         np.save(os.path.join(tmp, f"prompts_{b}.npy"), arr)
-      spec = dict(cases=[{k: c[k] for k in ("kind", "batch", "temperature")} for c in cases],
+      spec = dict(cases=[{k: c[k] for k in ("kind", "batch", "temperature")} for c in ref_cases],
                   max_new_tokens=args.max_new_tokens, repeats=args.repeats, pad_id=pad_id, threads=args.threads,
                   device=ref_device)
       env = dict(os.environ)
@@ -176,16 +210,16 @@ def main():
       if r.returncode:
         sys.exit("reference run failed:\n" + r.stderr[-3000:])
       rows = json.loads(next(l for l in r.stdout.splitlines() if l.startswith("RESULT"))[6:])
-    for c, row in zip(cases, rows):
+    for c, row in zip(ref_cases, rows):
       c.update(ref_seconds=row["seconds"], ref_tps=row["tokens"] / row["seconds"])
 
-  print("\n| model | batch | T | calm_jax tok/s | reference tok/s | speed-up |")
-  print("|---|---:|---:|---:|---:|---:|")
+  print("\n| model | head | batch | T | calm_jax tok/s | reference tok/s | speed-up |")
+  print("|---|---|---:|---:|---:|---:|---:|")
   for c in cases:
     t = "1" if c["temperature"] == 1.0 else "1/2 (N=200)" if c["kind"] == "calm" else "1/2"
     ref = f"{c['ref_tps']:.1f}" if "ref_tps" in c else "-"
     speed = f"{c['jax_tps'] / c['ref_tps']:.1f}x" if "ref_tps" in c else "-"
-    print(f"| {c['kind']} | {c['batch']} | {t} | {c['jax_tps']:.1f} | {ref} | {speed} |")
+    print(f"| {c['kind']} | {c['head'] or '-'} | {c['batch']} | {t} | {c['jax_tps']:.1f} | {ref} | {speed} |")
   print(f"\n# load average at the end: {os.getloadavg()[0]:.1f}; {machine.describe()}")
 
 

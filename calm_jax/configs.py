@@ -19,6 +19,10 @@ import jax.numpy as jnp
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("xla", "dot_product_attention")
 DTYPES = ("float32", "bfloat16", "float16")
+# CALM's generative heads by config name; each is implemented in calm_jax/models/heads/<name>.py and
+# listed in calm_jax.models.heads.HEADS (which checks that the two lists agree).
+HEAD_NAMES = ("energy", "diffusion", "flow")
+FLOW_SOLVERS = ("midpoint", "euler")
 
 
 class ConfigError(ValueError):
@@ -151,7 +155,17 @@ def check_beta(beta: float, field: str = "beta", prefix: str = ""):
 
 @dataclasses.dataclass(frozen=True)
 class EnergyConfig(_Base):
-  """CALM with the energy generative head (reference: ``CALMConfig``, ``EnergyTransformer``)."""
+  """CALM: backbone + a generative head (reference: ``CALMConfig`` with ``model_type``).
+
+  ``head`` picks the generative head (:data:`HEAD_NAMES`): 'energy' (the reference's
+  ``EnergyTransformer``, the default), 'diffusion' (``DiffusionTransformer``) or 'flow'
+  (``FlowTransformer``).  ``num_samples`` is N, the model samples (energy) or training
+  replicates (diffusion, flow) per position.  Fields that only one head reads:
+  energy: ``noise_size``, ``num_target_samples``, ``beta``; diffusion:
+  ``diffusion_sampling_steps`` (respaced DDPM steps, the reference's "100"); flow:
+  ``flow_sampling_steps`` (solver steps; the reference's code runs 10 midpoint steps =
+  20 network calls, its paper's text says 100 steps) and ``flow_solver``.
+  """
   backbone: LlamaConfig = dataclasses.field(default_factory=LlamaConfig)
   patch_size: int = 4
   latent_size: int = 128
@@ -160,12 +174,27 @@ class EnergyConfig(_Base):
   num_samples: int = 8            # N model samples per position
   num_target_samples: int = 100   # M posterior samples of the target per position
   beta: float = 1.0               # exponent of the energy score ("alpha" in the paper)
+  head: str = "energy"            # energy | diffusion | flow
+  diffusion_sampling_steps: int = 100
+  flow_sampling_steps: int = 10
+  flow_solver: str = "midpoint"   # midpoint (2 network calls a step) | euler (1)
 
   def validate(self, prefix: str = ""):
     for f in ("patch_size", "latent_size", "noise_size", "num_mlp_layers", "num_target_samples"):
       _check(getattr(self, f) > 0, f, f"must be positive, got {getattr(self, f)}", prefix)
-    _check(self.num_samples >= 2, "num_samples",
-           f"the energy score needs at least 2 model samples per position, got {self.num_samples}", prefix)
+    _check(self.head in HEAD_NAMES, "head", f"must be one of {HEAD_NAMES}, got {self.head!r}", prefix)
+    if self.head == "energy":
+      _check(self.num_samples >= 2, "num_samples",
+             f"the energy score needs at least 2 model samples per position, got {self.num_samples}", prefix)
+    else:
+      _check(self.num_samples >= 1, "num_samples", f"must be positive, got {self.num_samples}", prefix)
+    _check(2 <= self.diffusion_sampling_steps <= 1000, "diffusion_sampling_steps",
+           f"must lie in [2, 1000] (respaced steps of the 1000-step schedule; one step has no posterior "
+           f"variance), got {self.diffusion_sampling_steps}", prefix)
+    _check(self.flow_sampling_steps >= 1, "flow_sampling_steps",
+           f"must be positive, got {self.flow_sampling_steps}", prefix)
+    _check(self.flow_solver in FLOW_SOLVERS, "flow_solver",
+           f"must be one of {FLOW_SOLVERS}, got {self.flow_solver!r}", prefix)
     check_beta(self.beta, "beta", prefix)
     self.backbone.validate(f"{prefix}.backbone" if prefix else "backbone")
 

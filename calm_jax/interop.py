@@ -5,9 +5,13 @@ Reads and writes Hugging Face-style folders: ``config.json`` plus
 variants too), for the three model kinds:
 
   autoencoder  the reference's ``Autoencoder``      (keys ``encoder.*``, ``decoder.*``)
-  energy       the reference's ``EnergyTransformer`` (``transformer.*``, ``embed_proj.*``,
-               the head under ``generative_head.*`` and again under ``mlp_generator.*``,
-               and the frozen autoencoder under ``ae_model.*``)
+  energy       CALM with any head: the reference's ``EnergyTransformer`` (``transformer.*``,
+               ``embed_proj.*``, the head under ``generative_head.*`` and again under
+               ``mlp_generator.*``, and the frozen autoencoder under ``ae_model.*``),
+               ``DiffusionTransformer`` or ``FlowTransformer`` (the head's network under
+               ``generative_head.net.*``).  The head is told from the keys (the reference's
+               ``save_pretrained`` writes ``model_type: ""``); each head lists its own keys
+               (``reference_layout`` in :mod:`calm_jax.models.heads`).
   transformer  HF ``LlamaForCausalLM``              (``model.*``, untied ``lm_head.weight``)
 
 Tensors are read without running pickled code: safetensors, or
@@ -31,7 +35,8 @@ import jax
 import numpy as np
 
 from calm_jax import models
-from calm_jax.configs import AutoencoderConfig, EnergyConfig, LlamaConfig, TransformerConfig
+from calm_jax.configs import HEAD_NAMES, AutoencoderConfig, EnergyConfig, LlamaConfig, TransformerConfig
+from calm_jax.models import heads
 
 
 class InteropError(ValueError):
@@ -195,18 +200,11 @@ def _llama_keymap(cfg: LlamaConfig, ours: tuple[str, ...], ref: str) -> list[_En
 
 
 def _head_keymap(cfg: EnergyConfig, ref: str) -> list[_Entry]:
-  o = ("generative_head",)
-  e = _lin(o + ("noise_embd",), f"{ref}.noise_embd") + _lin(o + ("hidden_embd",), f"{ref}.hidden_embd")
-  e += _norm(o + ("norm_noise",), f"{ref}.norm_noise", True) + _norm(o + ("norm_hidden",), f"{ref}.norm_hidden",
-                                                                    True)
-  for j in range(cfg.num_mlp_layers):
-    b, r = o + (f"mlp_blocks_{j}",), f"{ref}.mlp_blocks.{j}"
-    e += _norm(b + ("in_ln",), f"{r}.in_ln", True)
-    e += _lin(b + ("linear_0",), f"{r}.linears.0") + _lin(b + ("linear_1",), f"{r}.linears.2")
-    e += _lin(b + ("linear_2",), f"{r}.linears.4") + _lin(b + ("down_proj",), f"{r}.down_proj")
-  e += _norm(o + ("final_in_ln",), f"{ref}.final_layer.in_ln", True)
-  e += _lin(o + ("final_linear_0",), f"{ref}.final_layer.linears.0")
-  e += _lin(o + ("final_linear_1",), f"{ref}.final_layer.linears.2")
+  """The generative head's entries, from the head's own layout (``heads.get(cfg).reference_layout()``)."""
+  e = []
+  for path, key, kind in heads.get(cfg).reference_layout():
+    ours, r = ("generative_head",) + tuple(path), f"{ref}.{key}"
+    e += _lin(ours, r) if kind == "linear" else _norm(ours, r, kind == "norm_bias")
   return e
 
 
@@ -338,14 +336,36 @@ def autoencoder_config_from_json(c: dict, where: str = "config.json", **override
   return AutoencoderConfig(**{f: c[f] for f in fields if f in c}, **overrides)
 
 
-def energy_config_from_json(c: dict, where: str = "config.json", **overrides) -> EnergyConfig:
-  mt = c.get("model_type", "energy")
-  _refuse(mt not in ("energy", "calm"), where,
-          f"model_type={mt!r}: only the energy head is supported (not diffusion/flow heads)")
+# Head fields calm_jax writes into config.json beside the reference's (the reference keeps them as
+# attributes and ignores them).
+_HEAD_FIELDS = ("diffusion_sampling_steps", "flow_sampling_steps", "flow_solver")
+
+
+def energy_config_from_json(c: dict, where: str = "config.json", head: str | None = None,
+                            **overrides) -> EnergyConfig:
+  """A CALM config; ``head`` (from the state dict's keys) must agree with a non-empty ``model_type``."""
+  mt = c.get("model_type", "") or ""
+  _refuse(mt not in ("", "calm") + HEAD_NAMES, where,
+          f"model_type={mt!r}: not a CALM model (heads: {', '.join(HEAD_NAMES)})")
+  if head is None:
+    head = mt if mt in HEAD_NAMES else "energy"
+  _refuse(mt in HEAD_NAMES and mt != head, where,
+          f"model_type={mt!r} but the weights hold a {head!r} head")
+  extra = {f: c[f] for f in _HEAD_FIELDS if f in c}
   return EnergyConfig(backbone=_llama_cfg_from_json(c, where, **overrides),
                       patch_size=c.get("patch_size", 4), latent_size=c.get("latent_size", 128),
                       noise_size=c.get("noise_size", 64), num_mlp_layers=c.get("num_mlp_layers", 4),
-                      num_samples=c.get("num_samples", 8), beta=c.get("beta", 1.0))
+                      num_samples=c.get("num_samples", 8), beta=c.get("beta", 1.0), head=head, **extra)
+
+
+def detect_head(sd, latent_size: int, where: str) -> str:
+  """Which generative head a reference CALM state dict holds (under ``generative_head.``)."""
+  found = [name for name, cls in heads.HEADS.items() if cls.in_state_dict(sd, "generative_head", latent_size)]
+  if len(found) != 1:
+    raise InteropError(f"{where}: missing key 'generative_head.noise_embd.weight' or "
+                       "'generative_head.net.final_layer.linear.weight' (no generative head found)"
+                       if not found else f"{where}: the keys match several heads {found}")
+  return found[0]
 
 
 def transformer_config_from_json(c: dict, where: str = "config.json", **overrides) -> TransformerConfig:
@@ -395,7 +415,7 @@ def autoencoder_params_from_state_dict(cfg, sd, where, prefix=""):
 
 
 def import_energy(folder: str, ae_folder: str | None = None, **cfg_overrides):
-  """Reference CALM energy-model folder -> ``(EnergyConfig, params, AutoencoderConfig, ae_params)``.
+  """Reference CALM folder (any head) -> ``(EnergyConfig, params, AutoencoderConfig, ae_params)``.
 
   The frozen autoencoder comes from the ``ae_model.*`` keys of the same file
   (the released configs' ``ae_path`` points at the authors' machine), or from
@@ -403,17 +423,22 @@ def import_energy(folder: str, ae_folder: str | None = None, **cfg_overrides):
   """
   where = folder
   cj = read_config_json(folder)
-  cfg = energy_config_from_json(cj, os.path.join(folder, "config.json"), **cfg_overrides)
   sd = read_state_dict(folder)
+  has = lambda prefix: any(k.startswith(prefix + ".") for k in sd)
+  if not has("generative_head") and has("mlp_generator"):
+    prefixes = ["mlp_generator"]
+    head = "energy"
+  else:
+    head = detect_head(sd, cj.get("latent_size", 128), where)
+    prefixes = ["generative_head"] + [p for p in heads.HEADS[head].reference_twins
+                                      if any(k.startswith(p + ".") for k in sd)]
+  cfg = energy_config_from_json(cj, os.path.join(folder, "config.json"), head=head, **cfg_overrides)
   consumed: set[str] = set()
   expected = _expected_shapes(cfg)
-  heads = [p for p in ("generative_head", "mlp_generator") if any(k.startswith(p + ".") for k in sd)]
-  if not heads:
-    raise InteropError(f"{where}: missing key 'generative_head.noise_embd.weight' (no generative head found)")
-  params = _import_entries(energy_keymap(cfg, heads[0]), sd, consumed, expected, where)
-  for other in heads[1:]:   # the same head registered twice: must agree
+  params = _import_entries(energy_keymap(cfg, prefixes[0]), sd, consumed, expected, where)
+  for other in prefixes[1:]:   # the same head registered twice: must agree
     for _, key, _, _ in _head_keymap(cfg, other):
-      twin = heads[0] + key[len(other):]
+      twin = prefixes[0] + key[len(other):]
       if key not in sd:
         raise InteropError(f"{where}: missing key {key!r} (the head's second copy is incomplete)")
       if not np.array_equal(sd[key], sd[twin]):
@@ -521,23 +546,27 @@ def export_autoencoder(folder: str, cfg: AutoencoderConfig, params, fmt: str = "
 
 def export_energy(folder: str, cfg: EnergyConfig, params, ae_cfg: AutoencoderConfig, ae_params,
                   fmt: str = "safetensors", pad_token_id=None, eos_token_id=2):
-  """Writes the reference's layout: the head under both prefixes, the autoencoder
+  """Writes the reference's layout (for the head of ``cfg.head``): the energy head under both prefixes,
+  the others' network under ``generative_head.net.*``; the autoencoder
   under ``ae_model.*`` (with its tied ``decoder.lm_head_weight``), and a copy of
   the autoencoder in ``folder/autoencoder`` that ``config.json``'s ``ae_path``
   points at (the reference loads its autoencoder from there)."""
   sd = _export_entries(energy_keymap(cfg), params, cfg)
-  for _, key, _, to_ref in _head_keymap(cfg, "generative_head"):
-    sd["mlp_generator" + key[len("generative_head"):]] = sd[key]
+  for twin in heads.get(cfg).reference_twins:
+    for _, key, _, to_ref in _head_keymap(cfg, "generative_head"):
+      sd[twin + key[len("generative_head"):]] = sd[key]
   ae_sd = export_autoencoder(os.path.join(folder, "autoencoder"), ae_cfg, ae_params, fmt,
                              pad_token_id=pad_token_id, eos_token_id=eos_token_id)
   sd.update({"ae_model." + k: v for k, v in ae_sd.items()})
   write_state_dict(folder, sd, fmt)
   d = _llama_json(cfg.backbone)
-  d.update(ae_path=os.path.abspath(os.path.join(folder, "autoencoder")), model_type="energy",
+  d.update(ae_path=os.path.abspath(os.path.join(folder, "autoencoder")), model_type=cfg.head,
            patch_size=cfg.patch_size, latent_size=cfg.latent_size, noise_size=cfg.noise_size,
            num_mlp_layers=cfg.num_mlp_layers, num_samples=cfg.num_samples, beta=cfg.beta,
            pad_token_id=pad_token_id, bos_token_id=1, eos_token_id=eos_token_id,
-           architectures=["EnergyTransformer"])
+           architectures=[heads.get(cfg).reference_class])
+  if cfg.head != "energy":
+    d.update({f: getattr(cfg, f) for f in _HEAD_FIELDS})
   _write_json(folder, d)
   return sd
 

@@ -1,11 +1,21 @@
-"""Stage 2: CALM with the energy head on a frozen autoencoder (CALM_NOTES §2).
+"""Stage 2: CALM with a generative head on a frozen autoencoder (CALM_NOTES §2, HEADS_NOTES).
 
 Sizes (paper §7.1; heads 16 throughout, stated for M, assumed for L and XL):
 
-  size  layers  width  FFN   head blocks (= layers/4)  params without the AE
-  M     16      1024   2752  4                         371.7M
-  L     16      1536   4096  4                         735.3M
-  XL    16      2560   6880  4                         1829.8M
+  size      layers  width  FFN   head blocks (= layers/4)  params without the AE
+  M         16      1024   2752  4                         371.7M
+  L         16      1536   4096  4                         735.3M
+  XL        16      2560   6880  4                         1829.8M
+  ablation  12      768    2048  3                         the paper's ablation base (§7.4), 50k steps
+
+``head=energy|diffusion|flow`` picks the generative head at any size (default
+energy); the head-ablation runs of §7.4 (Figs. 8-9) are ``size=ablation,head=...``
+(registry: calm_ablation, calm_ablation_diffusion, calm_ablation_flow).  The
+reference's train_{diffusion,flow}.sh train them at size M.  Diffusion samples
+with 100 respaced DDPM steps, flow with 10 midpoint steps (20 network calls: the
+reference's code; its paper says 100 steps) -- ``--config.model.diffusion_sampling_steps``,
+``--config.model.flow_sampling_steps``, ``--config.model.flow_solver`` change them,
+and ``python -m launch.head_steps`` draws BrierLM against the steps (Fig. 9).
 
 Recipe (§2.6): 250k steps of 2M tokens (256 blocks of 8192 tokens = 2048 chunks
 for K=4), AdamW 3e-4 constant, N=8 model samples and M=100 posterior samples
@@ -22,37 +32,51 @@ the paper does not say whether the context was held in tokens or in chunks].
   python -m launch.train --config=experiments/calm.py:tiny --workdir=/tmp/calm_tiny \\
       --config.ae_workdir=/tmp/ae_tiny
 
-Args: ``size=<M|L|XL>``, ``K=<1|2|4|8>``, ``tiny``.
+  # The head ablation's flow run:
+  python -m launch.train --config=experiments/calm.py:size=ablation,head=flow --workdir=/runs/abl_flow \
+      --config.ae_workdir=/runs/ae_k4 --config.data.dir=/data/pile_lm_8192
+
+Args: ``size=<M|L|XL|ablation>``, ``K=<1|2|4|8>``, ``head=<energy|diffusion|flow>``, ``tiny``.
 """
 
 from __future__ import annotations
 
 import os
 
-from calm_jax.configs import EnergyConfig, LlamaConfig
+from calm_jax.configs import HEAD_NAMES, EnergyConfig, LlamaConfig
 from experiments import common
 
 SIZES = {  # layers, width, FFN
     "M": (16, 1024, 2752),
     "L": (16, 1536, 4096),
     "XL": (16, 2560, 6880),
+    "ablation": (12, 768, 2048),
 }
+# Head blocks: layers / 4, except the ablation base's 3 (§7.4).
+HEAD_BLOCKS = {"ablation": 3}
+# The ablation base trains 50k steps (§7.4: Fig. 8's x-axis); the rest of its recipe is inferred to be
+# the main one's.
+STEPS = {"ablation": 50_000}
 BLOCK_TOKENS = 8192
 
 
 def get_config(arg: str | None = None):
-  a = common.parse_arg(arg, {"size": "M", "K": 4, "tiny": False})
+  a = common.parse_arg(arg, {"size": "M", "K": 4, "head": "energy", "tiny": False})
   if a["size"] not in SIZES:
     raise ValueError(f"config arg size={a['size']}: CALM sizes are {sorted(SIZES)}")
+  if a["head"] not in HEAD_NAMES:
+    raise ValueError(f"config arg head={a['head']}: generative heads are {', '.join(HEAD_NAMES)}")
   k = a["K"]
   layers, d, ff = SIZES[a["size"]]
   backbone = LlamaConfig(vocab_size=common.PAPER_VOCAB, hidden_size=d, intermediate_size=ff,
                          num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=16,
                          max_position_embeddings=BLOCK_TOKENS // k, dtype="bfloat16",
                          scan_layers=True, remat_policy="dots")
-  model = EnergyConfig(backbone=backbone, patch_size=k, latent_size=32 * k, num_mlp_layers=layers // 4)
+  model = EnergyConfig(backbone=backbone, patch_size=k, latent_size=32 * k,
+                       num_mlp_layers=HEAD_BLOCKS.get(a["size"], layers // 4), head=a["head"])
   # 2M tokens per step: 256 blocks of 8192 tokens.
-  c = common.skeleton("energy", model.to_dict(), block_length=BLOCK_TOKENS, mode="lm", steps=250_000,
+  c = common.skeleton("energy", model.to_dict(), block_length=BLOCK_TOKENS, mode="lm",
+                      steps=STEPS.get(a["size"], 250_000),
                       global_batch_size=256, vocab_size=common.PAPER_VOCAB)
   c.optim.learning_rate = 3e-4
   c.eval.block_length = BLOCK_TOKENS   # the reference evaluates BrierLM on blocks this long

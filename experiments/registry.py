@@ -32,6 +32,12 @@ EXPERIMENTS: dict[str, str] = {
     "calm_xl": "calm.py:size=XL",
     **{f"calm_l_k{k}": f"calm.py:size=L,K={k}" for k in (1, 2, 4, 8)},
     "calm_tiny": "calm.py:tiny",
+    # The generative-head ablation (§7.4, Figs. 8-9) on its base config, the reference's
+    # train_{diffusion,flow}.sh (size M), and tiny variants.
+    "calm_ablation": "calm.py:size=ablation",
+    **{f"calm_ablation_{h}": f"calm.py:size=ablation,head={h}" for h in ("diffusion", "flow")},
+    **{f"calm_m_{h}": f"calm.py:size=M,head={h}" for h in ("diffusion", "flow")},
+    **{f"calm_tiny_{h}": f"calm.py:tiny,head={h}" for h in ("diffusion", "flow")},
     # Discrete baselines.
     "transformer_s": "transformer.py:size=S",
     "transformer_m": "transformer.py:size=M",

@@ -3,6 +3,7 @@
   python -m launch.compare_cost --paper
   python -m launch.compare_cost --models=calm_l_k1,calm_l_k2,calm_l_k4,calm_l_k8,transformer_l
   python -m launch.compare_cost --models=calm_m,transformer_s --tokens=1e11 --breakdown
+  python -m launch.compare_cost --heads        # energy vs diffusion vs flow, per token
 
 Model names are those of ``calm_jax.cost.flops.paper_configs()``.  The counting
 convention is in docs/FLOPS.md; ``--paper`` adds the paper's numbers and our
@@ -25,6 +26,9 @@ _HEAD = flags.DEFINE_enum("head_convention", "factored", flops.HEAD_CONVENTIONS,
 _PAPER = flags.DEFINE_bool("paper", False, "Print the paper's Table 1 with our residuals (ignores --models, "
                            "--tokens, --context, --ae_tokens).")
 _BREAKDOWN = flags.DEFINE_bool("breakdown", False, "Also print the per-token FLOPs by part.")
+_HEADS = flags.DEFINE_bool("heads", False,
+                           "Print each generative head's training and inference FLOPs per token "
+                           "on the head-ablation base and CALM-M (flops.head_configs(); uses --context).")
 
 
 def format_rows(rows: list[flops.CostRow]) -> str:
@@ -85,8 +89,31 @@ def format_paper(head_convention: str) -> str:
   return "\n".join(out + ["", format_savings(rows)])
 
 
+def format_heads(context: int, head_convention: str) -> str:
+  """Per-token FLOPs of each generative head (the head's part and the whole model), training and inference."""
+  from calm_jax.models import heads  # pylint: disable=import-outside-toplevel
+  out = [f"generative heads (context {context} steps, head convention {head_convention}; FLOPs per token)",
+         f"{'model':<20}{'head(M)':>9}{'calls':>7}{'train head':>12}{'train all':>12}{'infer head':>12}"
+         f"{'infer all':>12}{'head/all':>10}"]
+  for name, (kind, cfg, ae_cfg) in flops.head_configs().items():
+    tr = flops.flops_per_token(kind, cfg, context, train=True, ae_cfg=ae_cfg, head_convention=head_convention)
+    inf = flops.flops_per_token(kind, cfg, context, train=False, ae_cfg=ae_cfg,
+                                head_convention=head_convention)
+    h = heads.get(cfg)
+    out.append(f"{name:<20}{sum(h.param_counts().values()) / 1e6:>9.2f}{h.network_calls:>7}"
+               f"{tr.head:>12.3e}{tr.total:>12.3e}{inf.head:>12.3e}{inf.total:>12.3e}"
+               f"{inf.head / inf.total:>10.1%}")
+  out.append("calls: network calls per sample at inference (diffusion: respaced DDPM steps; flow: 10 "
+             "midpoint steps = 20 calls, the reference code's default). Training: one call per replicate, "
+             "N = num_samples.")
+  return "\n".join(out)
+
+
 def main(argv):
   del argv
+  if _HEADS.value:
+    print(format_heads(_CONTEXT.value, _HEAD.value))
+    return
   if _PAPER.value:
     print(format_paper(_HEAD.value))
     return

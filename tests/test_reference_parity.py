@@ -6,9 +6,14 @@ this interpreter) and a checkout of github shaochenze/calm
 models and saves them; calm_jax imports them and must reproduce the
 autoencoder's mean, log-std and logits, the backbone's hidden states, the
 head's output for given noise, the energy score for given samples, and the
-baseline's logits within 1e-4 relative error (fp32).  Then calm_jax exports
-the imported weights, the reference loads the exported folders and must
-produce the same outputs again.
+baseline's logits within 1e-4 relative error (fp32).  For the diffusion and
+flow heads (``DiffusionTransformer``, ``FlowTransformer``, imported from their
+``save_pretrained`` folders): the diffusion tables and respaced timesteps, the
+adaLN network's output, the training losses for given t (0 and 999 included),
+noise and targets (and the gradient that shows the diffusion mean detached in
+the bound), the samplers' outputs for injected noise (DDPM; flow midpoint and
+Euler) and the whole model's loss.  Then calm_jax exports the imported weights,
+the reference loads the exported folders and must produce the same outputs again.
 """
 
 import os
@@ -19,8 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from calm_jax import interop
-from calm_jax.models import losses
+import jax
+
+from calm_jax import interop, models
+from calm_jax.models import heads, losses
+from calm_jax.models.heads import adaln_mlp, diffusion, flow
 from calm_jax.models.autoencoder import Autoencoder
 from calm_jax.models.calm import EnergyModel
 from calm_jax.models.transformer import TransformerLM
@@ -64,6 +72,22 @@ def _inputs(rng):
       "x_samples": rng.normal(size=(8, 6, lat)).astype(np.float32),
       "y_mean": rng.normal(size=(6, lat)).astype(np.float32),
       "y_log_std": (rng.normal(size=(6, lat)) * 0.3 - 1.0).astype(np.float32),
+      # the diffusion and flow heads (D = 64; N = 8 replicates x P = 8 positions for the whole model)
+      "net_x": rng.normal(size=(6, lat)).astype(np.float32),
+      "net_t_int": np.array([0, 999, 1, 500, 998, 37], np.int64),
+      "net_t_flow": np.array([0.0, 0.9995, 0.0004, 0.5, 0.25, 0.77], np.float32),
+      "net_c": rng.normal(size=(6, 64)).astype(np.float32),
+      "dl_target": (rng.normal(size=(6, lat)) * 0.7).astype(np.float32),
+      "dl_noise": rng.normal(size=(6, lat)).astype(np.float32),
+      "fl_target": rng.normal(size=(6, lat)).astype(np.float32),
+      "fl_x0": rng.normal(size=(6, lat)).astype(np.float32),
+      "ds_c": rng.normal(size=(3, 64)).astype(np.float32),
+      "ds_noise": rng.normal(size=(3, 100, lat)).astype(np.float32),
+      "fs_noise": rng.normal(size=(3, lat)).astype(np.float32),
+      "m_eps": rng.normal(size=(8, 8, lat)).astype(np.float32),
+      "m_t_int": np.concatenate([[0, 999], rng.integers(0, 1000, 62)]).astype(np.int64),
+      "m_noise": rng.normal(size=(64, lat)).astype(np.float32),
+      "m_t_flow": rng.random(64).astype(np.float32),
   }
 
 
@@ -83,12 +107,69 @@ def _ours(folder, inp):
   out["energy_head"] = m.apply({"params": p}, h, jnp.asarray(inp["noise"]), method="head")
   t_cfg, t_p = interop.import_transformer(f"{folder}/llama")
   out["llama_logits"] = TransformerLM(t_cfg).apply({"params": t_p}, toks)[0]
-  return out, (ae_cfg, ae_p, cfg, p, ae_cfg2, ae_p2, t_cfg, t_p)
+  imported = {name: interop.import_energy(f"{folder}/{name}") for name in ("diffusion", "flow")}
+  for name, (h_cfg, h_p, h_ae_cfg, h_ae_p) in imported.items():
+    assert h_cfg.head == name
+    out.update(_ours_head(name, h_cfg, h_p, h_ae_cfg, h_ae_p, inp))
+  return out, (ae_cfg, ae_p, cfg, p, ae_cfg2, ae_p2, t_cfg, t_p), imported
+
+
+def _ours_head(name, cfg, p, ae_cfg, ae_p, inp):
+  """Our numbers for the reference's head outputs (driver.head_outputs), from imported weights."""
+  a = lambda k: jnp.asarray(inp[k])
+  hp, head = p["generative_head"], heads.get(cfg)
+  net = adaln_mlp.AdaLNMLP(cfg, head.module().out_channels)
+  net_out = lambda x, t, c: net.apply({"params": hp["net"]}, x, t, c)
+  out = {}
+  if name == "diffusion":
+    for tag, tab in (("train", diffusion.train_tables()), ("gen", diffusion.respaced(100)[0])):
+      for f in ("betas", "alphas_cumprod", "posterior_log_variance_clipped", "posterior_mean_coef1",
+                "posterior_mean_coef2", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod"):
+        out[f"tab_{tag}_{f}"] = tab[f]
+    out["tab_train_map"] = np.arange(diffusion.NUM_TIMESTEPS)
+    out["tab_gen_map"] = diffusion.respaced(100)[1]
+    out["diffusion_net"] = net_out(a("net_x"), a("net_t_int"), a("net_c"))
+    x0, t, noise = a("dl_target"), a("net_t_int"), a("dl_noise")
+    o = net_out(diffusion.q_sample(x0, t, noise), t, a("net_c"))
+    out["diffusion_mse"], out["diffusion_vb"] = diffusion.hybrid_loss_terms(o, x0, t, noise)
+    out["diffusion_loss"] = head.replicate_losses(hp, a("net_c"), x0, t, noise)
+    g = jax.grad(lambda q: jnp.sum(head.replicate_losses(q, a("net_c"), x0, t, noise)))(hp)
+    out["diffusion_grad_out"] = g["net"]["final_layer"]["linear"]["kernel"].T
+    out["diffusion_sample"] = head.sample(hp, a("ds_c"), a("ds_noise"))
+  else:
+    out["flow_net"] = net_out(a("net_x"), flow.quantised_time(a("net_t_flow")), a("net_c"))
+    out["flow_loss"] = head.replicate_losses(hp, a("net_c"), a("fl_target"), a("net_t_flow"), a("fl_x0"))
+    out["flow_sample_midpoint"] = head.sample(hp, a("ds_c"), a("fs_noise"))
+    euler = heads.get(cfg.replace(flow_sampling_steps=20, flow_solver="euler"))
+    out["flow_sample_euler"] = euler.sample(hp, a("ds_c"), a("fs_noise"))
+  # The whole model: backbone -> head loss against the frozen AE's posterior, the reference's draws.
+  toks = jnp.asarray(inp["lm_tokens"], jnp.int32)
+  k = cfg.patch_size
+  h, _ = EnergyModel(cfg).apply({"params": p}, toks[:, :-k], method="hidden")          # B x S x D
+  mean, log_std = models.encode_targets(ae_cfg, ae_p, toks[:, k:])
+  n, (b, s) = cfg.num_samples, h.shape[:2]
+  x0 = mean[None] + a("m_eps").reshape(n, b, s, -1) * jnp.exp(log_std)[None]
+  if name == "diffusion":
+    draws = (a("m_t_int").reshape(n, b, s), a("m_noise").reshape(n, b, s, -1))
+  else:
+    draws = (a("m_t_flow").reshape(n, b, s), a("m_noise").reshape(n, b, s, -1))
+  out[f"{name}_model_loss"] = jnp.mean(head.replicate_losses(hp, h[None], x0, *draws))
+  return out
+
+
+HEAD_KEYS = ("diffusion_net", "diffusion_mse", "diffusion_vb", "diffusion_loss", "diffusion_grad_out",
+             "diffusion_sample", "diffusion_model_loss", "flow_net", "flow_loss", "flow_sample_midpoint",
+             "flow_sample_euler", "flow_model_loss")
 
 
 def _compare(ours, ref, inp):
-  for key in ("ae_mean", "ae_log_std", "ae_logits", "energy_hidden", "energy_head", "llama_logits"):
+  for key in ("ae_mean", "ae_log_std", "ae_logits", "energy_hidden", "energy_head",
+              "llama_logits") + HEAD_KEYS:
     assert _rel(ours[key], ref[key]) < RTOL, (key, _rel(ours[key], ref[key]))
+  for key in [k for k in ref if k.startswith("tab_")]:   # float64 tables and the respaced timesteps
+    np.testing.assert_allclose(ours[key], ref[key], rtol=1e-12, atol=0, err_msg=key)
+  # Elementwise too: the t = 0 (discretised-Gaussian) and t = 999 terms are single entries.
+  np.testing.assert_allclose(ours["diffusion_vb"], ref["diffusion_vb"], rtol=RTOL, atol=1e-6)
   score = losses.energy_score(jnp.asarray(inp["x_samples"]), jnp.asarray(ref["y_samples"]), 1.0)
   assert _rel(score, ref["energy_score"]) < RTOL
   score_gram = losses.energy_score(jnp.asarray(inp["x_samples"]), jnp.asarray(ref["y_samples"]), 1.0, "gram")
@@ -100,7 +181,7 @@ def test_reference_to_calm_jax_and_back(tmp_path):
   np.savez(tmp_path / "inputs.npz", **inp)
   _run("create", tmp_path)
   ref = dict(np.load(tmp_path / "outputs.npz"))
-  ours, (ae_cfg, ae_p, cfg, p, ae_cfg2, ae_p2, t_cfg, t_p) = _ours(tmp_path, inp)
+  ours, (ae_cfg, ae_p, cfg, p, ae_cfg2, ae_p2, t_cfg, t_p), imported = _ours(tmp_path, inp)
   _compare(ours, ref, inp)
   # Export what we imported; the reference must load it and agree with itself.
   back = tmp_path / "back"
@@ -109,6 +190,11 @@ def test_reference_to_calm_jax_and_back(tmp_path):
   interop.export_autoencoder(str(back / "ae"), ae_cfg, ae_p)
   interop.export_energy(str(back / "energy"), cfg, p, ae_cfg2, ae_p2)
   interop.export_transformer(str(back / "llama"), t_cfg, t_p)
+  for name, (h_cfg, h_p, h_ae_cfg, h_ae_p) in imported.items():
+    interop.export_energy(str(back / name), h_cfg, h_p, h_ae_cfg, h_ae_p)
+    again = interop.import_energy(str(back / name))       # and our own export reads back the same
+    assert again[0] == h_cfg
+    jax.tree.map(np.testing.assert_array_equal, again[1], h_p)
   _run("load", back)
   ref2 = dict(np.load(back / "outputs.npz"))
   for key in ref:

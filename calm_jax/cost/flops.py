@@ -24,7 +24,11 @@ out in ``docs/FLOPS.md``) is the one that reproduces the paper's Table 1
   on the hidden state alone counts once per position (``head_convention``
   ``factored``, the default: model FLOPs, the least an exact implementation
   needs, and the best fit to Table 1).  ``shared_cond`` counts what
-  ``calm_jax.models.calm`` executes today, ``reference`` what the PyTorch code does.
+  ``calm_jax.models.heads.energy`` executes today, ``reference`` what the PyTorch code does.
+* A head's inference cost is its per-call cost times its network calls per
+  sample: 1 for the energy head, the respaced steps for diffusion (100), the
+  solver's calls for flow (10 midpoint steps = 20).  Each head counts itself
+  (``calm_jax.models.heads.<name>``: ``param_counts``, ``forward_flops``).
 
 All per-token numbers are per *token*, whatever the model kind, so CALM and
 the baseline compare directly.
@@ -37,7 +41,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from calm_jax.configs import AutoencoderConfig, EnergyConfig, LlamaConfig, TransformerConfig
+from calm_jax.configs import HEAD_NAMES, AutoencoderConfig, EnergyConfig, LlamaConfig, TransformerConfig
+from calm_jax.models import heads
 
 HEAD_CONVENTIONS = ("shared_cond", "reference", "factored")
 KINDS = ("autoencoder", "energy", "transformer")
@@ -112,13 +117,9 @@ def compression_params(cfg: EnergyConfig) -> int:
 
 
 def head_params(cfg: EnergyConfig) -> dict[str, int]:
-  """The energy head (CALM_NOTES §2.3): every linear has a bias, every norm is an affine LayerNorm."""
-  d, l, e = cfg.backbone.hidden_size, cfg.latent_size, cfg.noise_size
-  block = 2 * d + _dense(2 * d, d, True) + _dense(d, d, True) + _dense(d, 2 * d, True) + _dense(d, d, True)
-  return {"noise_embd": _dense(e, d, True) + 2 * d,
-          "hidden_embd": _dense(d, d, True) + 2 * d,
-          "blocks": cfg.num_mlp_layers * block,
-          "final": 2 * d + _dense(d, d, True) + _dense(d, l, True)}
+  """The generative head's parameters by part (:meth:`calm_jax.models.heads.base.GenerativeHead.param_counts`;
+  the energy head: every linear has a bias, every norm is an affine LayerNorm, CALM_NOTES §2.3)."""
+  return heads.get(cfg).param_counts()
 
 
 def energy_params(cfg: EnergyConfig, ae_cfg: AutoencoderConfig | None = None) -> ParamCount:
@@ -216,16 +217,19 @@ def autoencoder_flops(cfg: AutoencoderConfig, *, train: bool = True) -> FlopsBre
 
 
 def head_flops_per_position(cfg: EnergyConfig, num_samples: int,
-                            head_convention: str = "factored") -> float:
-  """Forward FLOPs of the generative head at one position for ``num_samples`` noise draws.
+                            head_convention: str = "factored", train: bool = False) -> float:
+  """Forward FLOPs of the generative head at one position for ``num_samples`` samples.
 
-  The conventions differ only in what runs once per position rather than once
-  per sample (they agree at one sample):
+  The head's own count (:meth:`calm_jax.models.heads.base.GenerativeHead.forward_flops`):
+  its per-call cost times its network calls per sample (1 for the energy head and in
+  training; the sampler's steps for diffusion and flow at inference).  The
+  conventions differ only in what runs once per position rather than once per
+  sample (they agree at one sample); for the energy head:
 
   ``reference``    everything per sample: the PyTorch reference repeats the
                    hidden state N times before the head.
   ``shared_cond``  the hidden state's projection (d x d) once per position,
-                   broadcast over the samples: what ``calm_jax.models.calm.EnergyHead``
+                   broadcast over the samples: what ``calm_jax.models.heads.energy.EnergyHead``
                    computes.
   ``factored``     every matmul that depends on the hidden state alone once per
                    position: the projection and, in each block, the conditioning
@@ -235,19 +239,7 @@ def head_flops_per_position(cfg: EnergyConfig, num_samples: int,
   """
   if head_convention not in HEAD_CONVENTIONS:
     raise ValueError(f"head_convention must be one of {HEAD_CONVENTIONS}, got {head_convention!r}")
-  d, l, e, nb = cfg.backbone.hidden_size, cfg.latent_size, cfg.noise_size, cfg.num_mlp_layers
-  # Per block: linear_0 2d->d (half noise stream, half cond), linear_1 d->d, linear_2 d->2d, down d->d.
-  cond_proj, block_cond, block_rest = d * d, d * d, 5 * d * d
-  per_sample = e * d + nb * block_rest + d * d + d * l    # noise_embd, blocks, final linears
-  per_position = 0
-  if head_convention == "reference":
-    per_sample += cond_proj + nb * block_cond
-  elif head_convention == "shared_cond":
-    per_sample += nb * block_cond
-    per_position += cond_proj
-  else:
-    per_position += cond_proj + nb * block_cond
-  return 2.0 * (num_samples * per_sample + per_position)
+  return heads.get(cfg).forward_flops(num_samples, train, head_convention)
 
 
 def transformer_flops(cfg: TransformerConfig, context: int, *, train: bool) -> FlopsBreakdown:
@@ -266,8 +258,9 @@ def energy_flops(cfg: EnergyConfig, ae_cfg: AutoencoderConfig, context: int, *, 
   Training: backbone, attention, compression and the head's ``num_samples``
   (default ``cfg.num_samples``) forward and backward (3x), plus one frozen
   forward of the AE encoder for the targets.  The AE decoder is not used.
-  Inference: one forward with ``num_samples`` (default 1) head samples, plus the
-  AE decoder on every chunk — its vocabulary projection on every token.
+  Inference: one forward with ``num_samples`` (default 1) head samples, each
+  costing the head's network calls per sample (``heads.get(cfg).network_calls``),
+  plus the AE decoder on every chunk — its vocabulary projection on every token.
   """
   if ae_cfg.patch_size != cfg.patch_size or ae_cfg.latent_size != cfg.latent_size:
     raise ValueError(f"autoencoder (K={ae_cfg.patch_size}, l={ae_cfg.latent_size}) does not match "
@@ -280,7 +273,7 @@ def energy_flops(cfg: EnergyConfig, ae_cfg: AutoencoderConfig, context: int, *, 
       attention=m * attention_flops(b, context) / k,
       # The two biases (3d) and the LayerNorm (2d) are not matmul weights.
       compression=m * 2.0 * (compression_params(cfg) - 2 * b.hidden_size - 3 * b.hidden_size) / k,
-      head=m * head_flops_per_position(cfg, n, head_convention) / k,
+      head=m * head_flops_per_position(cfg, n, head_convention, train=train) / k,
       ae_encoder=autoencoder_encoder_flops(ae_cfg) if train else 0.0,
       ae_decoder=0.0 if train else autoencoder_decoder_flops(ae_cfg))
 
@@ -423,6 +416,20 @@ def paper_configs() -> dict[str, tuple[Any, ...]]:
          "calm_m": _calm(m), "calm_l": _calm(l), "calm_xl": _calm(xl)}
   for k in (1, 2, 4, 8):
     out[f"calm_l_k{k}"] = _calm(l, k)
+  return out
+
+
+def head_configs() -> dict[str, tuple[Any, ...]]:
+  """CALM with each generative head, by name ``<base>_<head>``: ``ablation`` is the paper's
+  head-ablation base (§7.4: d 768, 12 layers, 16 heads, FFN 2048, 3 head blocks, K = 4) and
+  ``m`` CALM-M as the reference's train_{energy,diffusion,flow}.sh build it (4 head blocks)."""
+  out = {}
+  bases = (("ablation", _backbone(12, 768, 2048), 3), ("m", _backbone(16, 1024, 2752), 4))
+  for base_name, bb, blocks in bases:
+    for head in HEAD_NAMES:
+      kind, cfg, ae = _calm(bb)
+      cfg = cfg.replace(num_mlp_layers=blocks, head=head)
+      out[f"{base_name}_{head}"] = (kind, cfg, ae)
   return out
 
 

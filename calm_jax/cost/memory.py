@@ -276,11 +276,11 @@ def plan(kind: str, cfg, target: Target, workload: Workload, ae_cfg: Autoencoder
       extra = bb.vocab_size / tensor * (b + 8)
       notes["non-layer"] = f"logits {extra / 1e3:.0f} kB/token"
     else:
-      d, n, m, lat = bb.hidden_size, cfg.num_samples, cfg.num_target_samples, cfg.latent_size
-      head = n * b * (d * (6 + 12 * cfg.num_mlp_layers) + lat)
-      score = 12 * (n * n + n * m) + 4 * m * lat
+      d = bb.hidden_size
+      from calm_jax.models import heads  # pylint: disable=import-outside-toplevel
+      head, score = heads.get(cfg).activation_bytes(b)
       extra = b * (k * d + 5 * d) + head + score
-      notes["non-layer"] = (f"head {head / 1e3:.0f} kB + score {score / 1e3:.0f} kB + compression/position")
+      notes["non-layer"] = (f"head {head / 1e3:.0f} kB + loss {score / 1e3:.0f} kB + compression/position")
     rows["activations"] = acts
     rows["non-layer"] = extra * pos_dev
     # The backward pass's working set: the gradients of one layer's activations and of the

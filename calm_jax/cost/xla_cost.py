@@ -49,7 +49,8 @@ from calm_jax.configs import AutoencoderConfig, EnergyConfig, TransformerConfig
 from calm_jax.cost import flops
 from calm_jax.models.autoencoder import Autoencoder
 from calm_jax.models.backbone import init_cache
-from calm_jax.models.calm import EnergyModel, sample_noise
+from calm_jax.models import heads
+from calm_jax.models.calm import EnergyModel
 from calm_jax.models.transformer import TransformerLM
 from calm_jax.training import optim
 
@@ -128,10 +129,10 @@ def make_decode_step(kind: str, cfg, ae_cfg: AutoencoderConfig | None = None) ->
   """
   if kind == "energy":
     def step(params, ae_params, cache, chunk_BxK, key):
-      model = EnergyModel(cfg)
+      model, head = EnergyModel(cfg), heads.get(cfg)
       h_Bx1xD, cache = model.apply({"params": params}, chunk_BxK, cache=cache, method="hidden")
-      noise = sample_noise(key, h_Bx1xD.shape[:-1], cfg.noise_size)
-      z_Bx1xL = model.apply({"params": params}, h_Bx1xD, noise, method="head")
+      noise = head.noise(key, h_Bx1xD.shape[:-1])
+      z_Bx1xL = head.sample(params["generative_head"], h_Bx1xD, noise)
       logits = Autoencoder(ae_cfg).apply({"params": ae_params}, z_Bx1xL, method="decode")
       return logits, cache
     return step
@@ -251,8 +252,17 @@ def _ae_elementwise(ae: AutoencoderConfig, tokens: float, train: bool, encoder: 
   return total
 
 
+def _energy_head_only(kind: str, cfg):
+  # The elementwise op counts above are read off the energy head's code; the matmul counts of
+  # every head are in calm_jax.cost.flops.
+  if kind == "energy" and cfg.head != "energy":
+    raise ValueError(f"xla_cost: the analytic cross-check models the energy head only, got model.head="
+                     f"{cfg.head!r} (its matmul FLOPs: calm_jax.cost.flops.flops_per_token)")
+
+
 def expected_train_flops(kind: str, cfg, ae_cfg: AutoencoderConfig | None, batch: int, seq: int) -> Expected:
   """Analytic FLOPs of :func:`make_train_step` on a ``batch x seq`` token batch."""
+  _energy_head_only(kind, cfg)
   b_t = float(batch * seq)
   e = ELEMENTWISE
   if kind == "transformer":
@@ -293,6 +303,7 @@ def expected_train_flops(kind: str, cfg, ae_cfg: AutoencoderConfig | None, batch
 def expected_decode_flops(kind: str, cfg, ae_cfg: AutoencoderConfig | None, batch: int,
                           capacity: int) -> Expected:
   """Analytic FLOPs of one :func:`make_decode_step` call (attention over the whole cache)."""
+  _energy_head_only(kind, cfg)
   e = ELEMENTWISE
   if kind == "transformer":
     fl = flops.transformer_flops(cfg, capacity, train=False)

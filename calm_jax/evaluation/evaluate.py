@@ -42,7 +42,8 @@ import numpy as np
 
 from calm_jax.configs import dtype_of
 from calm_jax.evaluation import brier
-from calm_jax.generation.generate import row_noise
+from calm_jax.generation.generate import head_row_noise
+from calm_jax.models import heads
 from calm_jax.models.autoencoder import Autoencoder
 from calm_jax.models.backbone import init_cache
 from calm_jax.models.calm import EnergyModel
@@ -127,7 +128,7 @@ def calm_teacher_forced(cfg, ae_cfg, params, ae_params, tokens_BxT, key, capacit
   # Noise per row (row r from fold_in(key, r)), as the per-device path draws it: the same
   # numbers with or without a mesh.
   noise_2xBxSxE = sharded_losses.row_noise(cfg, key, jnp.arange(b), s, 2)
-  z = model.apply({"params": params}, h_BxSxD[None], noise_2xBxSxE, method="head")
+  z = heads.get(cfg).sample(params["generative_head"], h_BxSxD[None], noise_2xBxSxE)
   preds = jnp.argmax(Autoencoder(ae_cfg).apply({"params": ae_params}, z, method="decode"), -1)
   return preds[0], preds[1], tokens_BxT[:, k:].reshape(b, s, k), cache
 
@@ -137,7 +138,7 @@ def calm_rollout_collisions(cfg, ae_cfg, params, ae_params, cache, pred1_BxSxK, 
   """token_same [B, P, 4] for every start position p < P = S - ceil(4/K) (see module doc)."""
   b, s, k = pred1_BxSxK.shape
   num_starts = s - brier.num_chunks_to_cover(k)
-  model, ae = EnergyModel(cfg), Autoencoder(ae_cfg)
+  model, ae, head = EnergyModel(cfg), Autoencoder(ae_cfg), heads.get(cfg)
 
   def block(p_R, b_R, _):
     row_ids_R = p_R * b + b_R
@@ -145,8 +146,8 @@ def calm_rollout_collisions(cfg, ae_cfg, params, ae_params, cache, pred1_BxSxK, 
     def step_fn(key_j, state, chunk_RxK):
       cache_R, position_R = state
       h, cache_R = model.apply({"params": params}, chunk_RxK, position_R[:, None], cache_R, method="hidden")
-      noise_2xRxE = row_noise(key_j, row_ids_R, 2, cfg.noise_size)
-      z = model.apply({"params": params}, h[:, 0][None], noise_2xRxE, method="head")
+      noise_2xRxE = head_row_noise(cfg, key_j, row_ids_R, 2)
+      z = head.sample(params["generative_head"], h[:, 0][None], noise_2xRxE)
       pair = jnp.argmax(ae.apply({"params": ae_params}, z, method="decode"), -1).astype(chunk_RxK.dtype)
       return pair, (cache_R, position_R + 1)
 

@@ -47,3 +47,28 @@ def plot_ae_robustness(result: dict[str, Any], path: str, title: str = "Autoenco
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
   return save(fig, path)
+
+
+def plot_head_steps(curves: list[dict[str, Any]], path: str,
+                    title: str = "BrierLM against sampling steps (paper Fig. 9)") -> str:
+  """BrierLM (x100) against the sampler's steps, one curve per (head, solver), log x-axis.
+
+  ``curves``: ``launch.head_steps`` results, each ``{'label', 'points': [{'steps', 'brierlm',
+  'brierlm_se'}, ...]}``; a one-step head (energy) is one point, drawn as a dashed level too.
+  """
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  for i, c in enumerate(curves):
+    pts = sorted(c["points"], key=lambda p: p["steps"])
+    xs, ys = [p["steps"] for p in pts], [100 * p["brierlm"] for p in pts]
+    err = [100 * p.get("brierlm_se", 0.0) for p in pts]
+    ax.errorbar(xs, ys, yerr=err, marker="o", ms=3, capsize=2, color=f"C{i}", label=c["label"])
+    if len(pts) == 1:
+      ax.axhline(ys[0], ls="--", lw=0.8, color=f"C{i}")
+  ax.set_xscale("log")
+  ax.set_xlabel("sampling steps")
+  ax.set_ylabel("BrierLM")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  return save(fig, path)

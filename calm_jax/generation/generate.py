@@ -26,6 +26,9 @@ Temperature.  CALM: ``calm_jax.generation.sampling.sample_chunk`` with ``method`
 sampler hit ``max_attempts`` are counted in ``Generation.capped``.  Baseline:
 softmax(logits / T), any T > 0 (``method`` is ignored).
 
+Any generative head (``cfg.head``) samples through the same loop: a draw is the
+head's sample from per-row noise (:func:`head_row_noise`), decoded and argmaxed.
+
 Dimension legend: B batch rows, P padded prompt tokens, S prompt chunks (slots),
 K tokens per chunk (1 for the baseline), D width, E noise size, V vocabulary,
 N generated tokens (a multiple of K).
@@ -43,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from calm_jax.generation import sampling
+from calm_jax.models import heads
 from calm_jax.models.autoencoder import Autoencoder
 from calm_jax.models.backbone import init_cache
 from calm_jax.models.calm import EnergyModel, sample_noise
@@ -119,13 +123,20 @@ def row_noise(key: jax.Array, row_ids_B: jax.Array, n: int, noise_size: int) -> 
   return jnp.swapaxes(noise_BxNxE, 0, 1)
 
 
+def head_row_noise(cfg, key: jax.Array, row_ids_B: jax.Array, n: int) -> jax.Array:
+  """The head's noise ``[n, B, *noise_shape]`` (any head); row b's values depend only on
+  ``(key, row_ids_B[b])``.  For the energy head: :func:`row_noise`."""
+  head = heads.get(cfg)
+  return heads.base.row_draws(key, row_ids_B, lambda k: head.noise(k, (n,)))
+
+
 def calm_draw_fn(cfg, ae_cfg, params, ae_params, h_BxD, row_ids_B) -> sampling.DrawFn:
-  """``draw(key, n) -> [n, B, K]``: n head samples per row, decoded by the AE, argmax."""
-  model, ae = EnergyModel(cfg), Autoencoder(ae_cfg)
+  """``draw(key, n) -> [n, B, K]``: n head samples per row (any head), decoded by the AE, argmax."""
+  ae, head = Autoencoder(ae_cfg), heads.get(cfg)
 
   def draw(key, n):
-    noise_NxBxE = row_noise(key, row_ids_B, n, cfg.noise_size)
-    z_NxBxL = model.apply({"params": params}, h_BxD[None], noise_NxBxE, method="head")
+    noise_NxBxE = head_row_noise(cfg, key, row_ids_B, n)
+    z_NxBxL = head.sample(params["generative_head"], h_BxD[None], noise_NxBxE)
     logits_NxBxKxV = ae.apply({"params": ae_params}, z_NxBxL, method="decode")
     return jnp.argmax(logits_NxBxKxV, axis=-1).astype(jnp.int32)
 

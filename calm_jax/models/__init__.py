@@ -2,7 +2,8 @@
 
 The three model kinds:
   ``autoencoder``  :class:`calm_jax.models.autoencoder.Autoencoder`   (AutoencoderConfig)
-  ``energy``       :class:`calm_jax.models.calm.EnergyModel`         (EnergyConfig)
+  ``energy``       :class:`calm_jax.models.calm.EnergyModel`         (EnergyConfig; CALM with the
+                   generative head ``cfg.head``: :mod:`calm_jax.models.heads`)
   ``transformer``  :class:`calm_jax.models.transformer.TransformerLM`  (TransformerConfig)
 
 Parameters are plain pytrees of arrays (``init_params`` strips flax's
@@ -21,9 +22,9 @@ import jax
 import jax.numpy as jnp
 
 from calm_jax.configs import AutoencoderConfig, EnergyConfig, TransformerConfig
-from calm_jax.models import layers, losses
+from calm_jax.models import heads, layers, losses
 from calm_jax.models.autoencoder import Autoencoder
-from calm_jax.models.calm import EnergyModel, sample_noise
+from calm_jax.models.calm import EnergyModel, sample_noise  # noqa: F401  (sample_noise: re-exported)
 from calm_jax.models.transformer import TransformerLM
 
 KINDS = ("autoencoder", "energy", "transformer")
@@ -46,7 +47,7 @@ def _example_inputs(cfg):
     return (jnp.zeros((1, cfg.patch_size), jnp.int32),)
   if isinstance(cfg, EnergyConfig):
     k = cfg.patch_size
-    return (jnp.zeros((1, 2 * k), jnp.int32), jnp.zeros((1, 1, 1, cfg.noise_size), jnp.float32))
+    return (jnp.zeros((1, 2 * k), jnp.int32), jnp.zeros((1, 1, 1) + heads.get(cfg).noise_shape, jnp.float32))
   return (jnp.zeros((1, 2), jnp.int32),)
 
 
@@ -77,12 +78,18 @@ def init_params(cfg, key) -> Params:
   groups: dict[tuple, list[int]] = {}
   values = [None] * len(boxes)
   for i, b in enumerate(boxes):
-    if b.init.kind == "normal":
-      groups.setdefault((b.value.shape, b.value.dtype, b.names), []).append(i)
+    if b.init.kind in ("normal", "uniform"):
+      # The key has the kind only for uniform draws: the normal groups (all of the energy head's
+      # and the backbone's) keep their keys and values.
+      kind = () if b.init.kind == "normal" else ("uniform",)
+      groups.setdefault((b.value.shape, b.value.dtype, b.names) + kind, []).append(i)
     else:
       values[i] = b.init(None, b.value.shape, b.value.dtype)
-  for key_g, ((shape, dtype, _), idx) in zip(jax.random.split(key, max(len(groups), 1)), groups.items()):
-    draw = jax.random.normal(key_g, (len(idx),) + shape, dtype)
+  for key_g, ((shape, dtype, *rest), idx) in zip(jax.random.split(key, max(len(groups), 1)), groups.items()):
+    if rest and rest[-1] == "uniform":   # U[-1, 1], scaled per parameter by its bound (xavier_uniform)
+      draw = jax.random.uniform(key_g, (len(idx),) + shape, dtype, -1.0, 1.0)
+    else:
+      draw = jax.random.normal(key_g, (len(idx),) + shape, dtype)
     for j, i in enumerate(idx):
       values[i] = (boxes[i].init.std * draw[j]).astype(dtype)
   return jax.tree.unflatten(treedef, values)
@@ -126,31 +133,29 @@ def encode_targets(ae_cfg: AutoencoderConfig, ae_params, tokens_BxT):
   return jax.lax.stop_gradient(mean), jax.lax.stop_gradient(log_std)
 
 
+def target_mask(mask_BxT, patch_size: int):
+  """``[B, S-1]``: a target chunk counts when its first token is real (the reference's ``patch_mask``)."""
+  b, t = mask_BxT.shape
+  k = patch_size
+  return mask_BxT[:, k:].reshape(b, t // k - 1, k)[:, :, 0]
+
+
 def energy_loss_fn(cfg: EnergyConfig, ae_cfg: AutoencoderConfig, params, ae_params, tokens_BxT, key,
                    mask_BxT=None, pairwise: str = "gram"):
-  """CALM's training loss on a block of T = S*K tokens.
+  """CALM's training loss on a block of T = S*K tokens, for any generative head.
 
-  The model reads chunks 0..S-2 and predicts chunks 1..S-1: N head samples per
-  position (fresh noise each) are scored against M samples of the frozen
-  autoencoder's posterior of the true chunk.  ``ae_params`` is an explicit
-  argument, outside any optimiser: the autoencoder is frozen.
+  The model reads chunks 0..S-2 and predicts chunks 1..S-1: the head's loss
+  (:meth:`calm_jax.models.heads.base.GenerativeHead.loss`; the energy head: N head
+  samples per position, fresh noise each, scored against M samples of the frozen
+  autoencoder's posterior of the true chunk) averaged over the target chunks.
+  ``ae_params`` is an explicit argument, outside any optimiser: the autoencoder
+  is frozen.  ``pairwise``: the energy head's distance form (other heads ignore it).
   """
   k = cfg.patch_size
-  b, t = tokens_BxT.shape
-  s = t // k
-  k_noise, k_target = jax.random.split(key)
   mean, log_std = encode_targets(ae_cfg, ae_params, tokens_BxT[:, k:])          # B x (S-1) x L
-  noise = sample_noise(k_noise, (cfg.num_samples, b, s - 1), cfg.noise_size)
-  preds = EnergyModel(cfg).apply({"params": params}, tokens_BxT, noise)         # N x B x (S-1) x L
-  p = b * (s - 1)
-  x = preds.reshape(cfg.num_samples, p, -1)
-  y = losses.posterior_samples(k_target, mean.reshape(p, -1), log_std.reshape(p, -1),
-                               cfg.num_target_samples)
-  mask = None
-  if mask_BxT is not None:  # a target chunk counts when its first token is real (reference's patch_mask)
-    mask = mask_BxT[:, k:].reshape(b, s - 1, k)[:, :, 0].reshape(p)
-  loss = losses.energy_loss(x, y, cfg.beta, mask, pairwise)
-  return loss, {"loss": loss, "energy_loss": loss}
+  h_BxSxD, _ = EnergyModel(cfg).apply({"params": params}, tokens_BxT[:, :-k], method="hidden")
+  mask = None if mask_BxT is None else target_mask(mask_BxT, k)
+  return heads.get(cfg, pairwise=pairwise).loss(params["generative_head"], h_BxSxD, mean, log_std, key, mask)
 
 
 def transformer_loss_fn(cfg: TransformerConfig, params, tokens_BxT, key=None, mask_BxT=None):

@@ -42,7 +42,7 @@ class Init:
   grouped random calls instead of one flax RNG split and draw per parameter
   (each costs compile time: see there).
   """
-  kind: str              # 'normal' | 'zeros' | 'ones'
+  kind: str              # 'normal' | 'zeros' | 'ones' | 'uniform' (U[-std, std]: xavier_uniform)
   std: float = 0.0
 
   def __call__(self, key, shape, dtype=jnp.float32):
@@ -50,6 +50,8 @@ class Init:
       return jnp.zeros(shape, dtype)
     if self.kind == "ones":
       return jnp.ones(shape, dtype)
+    if self.kind == "uniform":
+      return self.std * jax.random.uniform(key, shape, dtype, -1.0, 1.0)
     return self.std * jax.random.normal(key, shape, dtype)
 
 

@@ -1,4 +1,4 @@
-"""Per-device sampling under ``jax.shard_map``: CALM's energy loss and BrierLM's samples.
+"""Per-device sampling under ``jax.shard_map``: CALM's head loss and BrierLM's samples, for any head.
 
 Dimension legend: B batch, T tokens, K chunk size, S = T/K chunks, D width,
 L latent, E noise size, N model samples, M posterior (target) samples,
@@ -34,21 +34,18 @@ from jax.sharding import PartitionSpec as P
 from calm_jax import models
 from calm_jax.configs import AutoencoderConfig, EnergyConfig
 from calm_jax.evaluation import brier
-from calm_jax.models import losses
+from calm_jax.models import heads, losses
 from calm_jax.models.autoencoder import Autoencoder
-from calm_jax.models.calm import EnergyHead, EnergyModel, sample_noise
+from calm_jax.models.calm import EnergyModel
+from calm_jax.models.heads.base import row_keys  # noqa: F401  (re-exported)
 from calm_jax.parallel.sharding import BATCH_AXES
 
 
-def row_keys(key, rows_B):
-  """One key per global row index."""
-  return jax.vmap(lambda r: jax.random.fold_in(key, r))(rows_B)
-
-
 def row_noise(cfg: EnergyConfig, key, rows_B, num_positions: int, num_samples: int):
-  """Head noise ``[num_samples, B, num_positions, E]`` drawn per row from ``fold_in(key, row)``."""
-  draw = lambda k: sample_noise(k, (num_samples, num_positions), cfg.noise_size)
-  return jnp.swapaxes(jax.vmap(draw)(row_keys(key, rows_B)), 0, 1)
+  """Head noise ``[num_samples, B, num_positions, *noise_shape]`` drawn per row from ``fold_in(key, row)``
+  (``noise_shape``: the head's, e.g. ``(E,)`` for the energy head)."""
+  head = heads.get(cfg)
+  return heads.base.row_draws(key, rows_B, lambda k: head.noise(k, (num_samples, num_positions)))
 
 
 def row_posterior_eps(cfg: EnergyConfig, key, rows_B, num_positions: int):
@@ -68,32 +65,25 @@ def _manual_axes(mesh):
 
 
 def sharded_energy_loss_fn(cfg: EnergyConfig, ae_cfg: AutoencoderConfig, mesh, pairwise: str = "gram"):
-  """:func:`calm_jax.models.energy_loss_fn` with ``cfg``/``ae_cfg`` bound, sampling per device.
+  """:func:`calm_jax.models.energy_loss_fn` with ``cfg``/``ae_cfg`` bound, sampling per device (any head).
 
   Returns ``loss_fn(params, ae_params, tokens_BxT, key, mask_BxT=None) -> (loss, metrics)``,
   to be called inside ``jit`` with the batch sharded by
   :func:`calm_jax.parallel.sharding.batch_sharding` (B divisible by data*fsdp).  The loss
-  is the masked mean over positions of the negative energy score, as in
-  ``models.energy_loss_fn``; randomness is per row (module docstring).
+  is the masked mean over positions of the head's per-position loss
+  (:meth:`~calm_jax.models.heads.base.GenerativeHead.row_losses`; the energy head: the
+  negative energy score), as in ``models.energy_loss_fn``; randomness is per row (module docstring).
   """
   k = cfg.patch_size
   batch_spec = P(BATCH_AXES)
+  head = heads.get(cfg, pairwise=pairwise)
 
   def per_device(head_params, h_BxSxD, mean_BxSxL, log_std_BxSxL, mask_BxS, key):
-    b_loc, s = h_BxSxD.shape[:2]
-    rows = _local_rows(b_loc)
-    k_noise, k_target = jax.random.split(key)
-    noise = row_noise(cfg, k_noise, rows, s, cfg.num_samples)                 # N x B x S x E
-    preds = EnergyHead(cfg).apply({"params": head_params}, h_BxSxD[None], noise)  # N x B x S x L
-    eps = row_posterior_eps(cfg, k_target, rows, s)                           # M x B x S x L
-    mean = jax.lax.stop_gradient(mean_BxSxL.astype(jnp.float32))
-    std = jnp.exp(jax.lax.stop_gradient(log_std_BxSxL.astype(jnp.float32)))
-    y = mean[None] + std[None] * eps
-    x = preds.reshape(cfg.num_samples, b_loc * s, -1)
-    neg = -losses.energy_score(x, y.reshape(cfg.num_target_samples, b_loc * s, -1), cfg.beta, pairwise)
+    rows = _local_rows(h_BxSxD.shape[0])
+    loss = head.row_losses(head_params, h_BxSxD, mean_BxSxL, log_std_BxSxL, key, rows).reshape(-1)
     m = mask_BxS.reshape(-1).astype(jnp.float32)
     # Only these two scalars leave the device.
-    return jax.lax.psum(jnp.sum(neg * m), BATCH_AXES), jax.lax.psum(jnp.sum(m), BATCH_AXES)
+    return jax.lax.psum(jnp.sum(loss * m), BATCH_AXES), jax.lax.psum(jnp.sum(m), BATCH_AXES)
 
   mapped = jax.shard_map(
       per_device, mesh=mesh, axis_names=_manual_axes(mesh),
@@ -107,52 +97,59 @@ def sharded_energy_loss_fn(cfg: EnergyConfig, ae_cfg: AutoencoderConfig, mesh, p
     if mask_BxT is None:
       mask = jnp.ones((b, s - 1), jnp.float32)
     else:  # a target chunk counts when its first token is real (as models.energy_loss_fn)
-      mask = mask_BxT[:, k:].reshape(b, s - 1, k)[:, :, 0].astype(jnp.float32)
+      mask = models.target_mask(mask_BxT, k).astype(jnp.float32)
     total, count = mapped(params["generative_head"], h_BxSxD, mean, log_std, mask, key)
     loss = total / jnp.maximum(count, 1.0)
-    return loss, {"loss": loss, "energy_loss": loss}
+    return loss, head.metrics(loss)
 
   return loss_fn
 
 
 def reference_energy_loss(cfg: EnergyConfig, ae_cfg: AutoencoderConfig, params, ae_params, tokens_BxT, key,
                           mask_BxT=None, pairwise: str = "gram"):
-  """Unsharded loss with the per-row draws of :func:`sharded_energy_loss_fn`, built from the
-  plain pieces (``EnergyModel.__call__``, ``losses.energy_loss``): what the sharded loss must equal."""
+  """Unsharded loss with the per-row draws of :func:`sharded_energy_loss_fn`: what the sharded loss must
+  equal.  The energy head's is built from the plain pieces (``EnergyModel.__call__``,
+  ``losses.energy_loss``); another head's from its ``row_losses`` on the whole batch."""
   k = cfg.patch_size
   b, t = tokens_BxT.shape
   s = t // k
-  k_noise, k_target = jax.random.split(key)
   rows = jnp.arange(b)
   mean, log_std = models.encode_targets(ae_cfg, ae_params, tokens_BxT[:, k:])
+  mask = None if mask_BxT is None else models.target_mask(mask_BxT, k)
+  head = heads.get(cfg, pairwise=pairwise)
+  if cfg.head != "energy":
+    h_BxSxD, _ = EnergyModel(cfg).apply({"params": params}, tokens_BxT[:, :-k], method="hidden")
+    per_position = head.row_losses(params["generative_head"], h_BxSxD, mean, log_std, key, rows)
+    loss = heads.base.masked_mean(per_position,
+                                  mask)
+    return loss, head.metrics(loss)
+  k_noise, k_target = jax.random.split(key)
   preds = EnergyModel(cfg).apply({"params": params}, tokens_BxT, row_noise(cfg, k_noise, rows, s - 1,
                                                                            cfg.num_samples))
   eps = row_posterior_eps(cfg, k_target, rows, s - 1)
   y = mean[None] + jnp.exp(log_std)[None] * eps
   p = b * (s - 1)
-  mask = None
-  if mask_BxT is not None:
-    mask = mask_BxT[:, k:].reshape(b, s - 1, k)[:, :, 0].reshape(p)
   loss = losses.energy_loss(preds.reshape(cfg.num_samples, p, -1), y.reshape(-1, p, cfg.latent_size),
-                            cfg.beta, mask, pairwise)
-  return loss, {"loss": loss, "energy_loss": loss}
+                            cfg.beta, None if mask is None else mask.reshape(p), pairwise)
+  return loss, head.metrics(loss)
 
 
 # --------------------------------------------------------------------------- BrierLM
 
 
 def sharded_head_samples_fn(cfg: EnergyConfig, mesh, num_samples: int = 2):
-  """Per-device head sampling: ``fn(head_params, h_BxSxD, key) -> z [num_samples, B, S, L]``.
+  """Per-device head sampling (any head): ``fn(head_params, h_BxSxD, key) -> z [num_samples, B, S, L]``.
 
   The samples are drawn on the device that holds their hidden states and stay
   there (the output is sharded over the batch like ``h``); noise is per row.
   """
   spec = P(BATCH_AXES)
+  head = heads.get(cfg)
 
   def per_device(head_params, h_BxSxD, key):
     b_loc, s = h_BxSxD.shape[:2]
     noise = row_noise(cfg, key, _local_rows(b_loc), s, num_samples)
-    return EnergyHead(cfg).apply({"params": head_params}, h_BxSxD[None], noise)
+    return head.sample(head_params, h_BxSxD[None], noise)
 
   return jax.shard_map(per_device, mesh=mesh, axis_names=_manual_axes(mesh),
                        in_specs=(P(), spec, P()), out_specs=P(None, BATCH_AXES))

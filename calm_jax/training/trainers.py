@@ -58,7 +58,8 @@ def init_state(cfg, tx: optax.GradientTransformation, key) -> State:
 def loss_fn(kind: str, cfg, ae_cfg: AutoencoderConfig | None = None, mesh=None) -> Callable:
   """``f(params, tokens_BxT, key, ae_params) -> (loss, metrics)`` for a kind (training mode).
 
-  With a ``mesh``, CALM's energy loss draws and compares its samples per device
+  CALM (kind 'energy') trains whichever generative head ``cfg.head`` names.  With a
+  ``mesh``, its loss draws (and, for the energy head, compares) its samples per device
   under ``jax.shard_map`` (:func:`calm_jax.parallel.sharded_losses.sharded_energy_loss_fn`).
   """
   if kind == "autoencoder":
@@ -156,7 +157,8 @@ def autoencoder_eval_step(cfg: AutoencoderConfig, pad_id: int, noise_sigma: floa
 
 
 def energy_eval_step(cfg, ae_cfg: AutoencoderConfig, mesh=None) -> Callable:
-  """CALM's held-out energy loss (the training objective, without dropout of any kind).
+  """CALM's held-out head loss (the training objective, without dropout of any kind), reported as
+  ``{head}_loss`` (``energy_loss``, ``diffusion_loss``, ``flow_loss``).
 
   With a ``mesh`` the samples are drawn per device, as in training (:func:`loss_fn`).
   """
@@ -173,7 +175,7 @@ def energy_eval_step(cfg, ae_cfg: AutoencoderConfig, mesh=None) -> Callable:
     loss, _ = energy(params, ae_params, tokens_BxT, key, mask_BxT)
     # energy_loss_fn averages over the predicted chunks 1..S-1 of the real rows.
     count = jnp.sum(batch["row_mask"].astype(jnp.float32)) * (t // cfg.patch_size - 1)
-    return {"energy_loss": (loss * count, count)}
+    return {f"{cfg.head}_loss": (loss * count, count)}
 
   return eval_step
 
