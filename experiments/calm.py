@@ -98,10 +98,11 @@ def _tiny(c, k: int) -> None:
   c.data.vocab_size = v
   c.data.block_length = 256
   c.data.dir = os.path.join(corpus.cache_dir(), "prepared", f"default-lm-T256-K{k}-V{v}")
-  # 1,000 steps of 16 blocks (4.1M tokens) at lr 1e-3, constant, and one evaluation at the end:
-  # the study in docs/SMALL_SCALE.md: 500 steps already leave chance (Brier-1 4.7 standard errors
-  # above 0), 1,000 leave it clearly (+0.0139 +- 0.0011 and, seed 1, +0.0096 +- 0.0010 on the 393 held-out blocks; 150 steps of
-  # 8 blocks, the earlier setting, stay at chance).  A cosine decay or lr 3e-3 learned less.
+  # 1,000 steps of 16 blocks (4.1M tokens) at lr 1e-3, constant, and one evaluation at the end.
+  # The study in docs/SMALL_SCALE.md: 500 steps already leave chance (Brier-1 4.7 standard errors
+  # above 0); 1,000 leave it clearly (+0.0139 +- 0.0011 and, seed 1, +0.0096 +- 0.0010 on the 393
+  # held-out blocks); 150 steps of 8 blocks, the earlier setting, stay at chance.  A cosine decay
+  # or lr 3e-3 learned less.
   common.shrink_for_cpu(c, steps=1000, global_batch_size=16)
   c.train.eval_every = c.train.steps
   c.train.checkpoint_every = 250
