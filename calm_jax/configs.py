@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_IMPLS = ("xla", "dot_product_attention")
+ATTENTION_IMPLS = ("auto", "xla", "chunked", "cudnn", "splash", "dot_product_attention")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -117,7 +117,9 @@ class LlamaConfig(_Base):
   param_dtype: str = "float32"    # storage dtype of the parameters
   scan_layers: bool = False       # one scanned layer stack (fast compiles) or a Python loop
   remat_policy: str = "none"      # none | full | dots | dots_no_batch
-  attention_impl: str = "xla"     # xla (einsum) | dot_product_attention (jax.nn, cuDNN on GPU)
+  # auto (by platform: cuDNN on GPUs in bf16, splash on TPUs, else query-chunked for T >= 256) |
+  # xla (einsum) | chunked | cudnn | splash | dot_product_attention: calm_jax.models.attention
+  attention_impl: str = "auto"
 
   @property
   def head_dim(self) -> int:
