@@ -113,6 +113,10 @@ class LlamaConfig(_Base):
   rope_theta: float = 10000.0
   rms_norm_eps: float = 1e-6
   initializer_range: float = 0.02
+  # Mixed precision as the reference trains (torch autocast bf16), with dtype='bfloat16' and
+  # param_dtype='float32': fp32 master weights (and gradients, optimizer state); every Dense / einsum
+  # in bf16; RMSNorm / LayerNorm statistics, attention softmax, the energy score and all losses in
+  # fp32 (tests/test_precision.py).  The paper-size experiments default to it.
   dtype: str = "float32"          # compute dtype
   param_dtype: str = "float32"    # storage dtype of the parameters
   scan_layers: bool = False       # one scanned layer stack (fast compiles) or a Python loop
