@@ -35,7 +35,7 @@ def _value_and_grads(fn, q, k, v, w):
   return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(w * fn(q, k, v)), (0, 1, 2)))(q, k, v)
 
 
-@pytest.mark.parametrize("q_block,kv_block", [(16, 1024), (8, 8), (7, 5)])   # one key block / online
+@pytest.mark.parametrize("q_block,kv_block", [(16, 1024), (7, 5)])   # one key block / online softmax
 def test_chunked_causal_matches_plain_forward_and_gradient(q_block, kv_block):
   q, k, v, w = _qkv()
   causal = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
