@@ -44,14 +44,23 @@ from models.modeling_energy import EnergyTransformer  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 
+# CALM_BENCH_DEVICE=cuda (benchmarks/gpu.sh) runs the reference's steps on the GPU.
+DEVICE = torch.device(os.environ.get("CALM_BENCH_DEVICE", "cpu"))
+
+
+def _sync():
+  if DEVICE.type == "cuda":
+    torch.cuda.synchronize()
+
+
 def _llama_kw(size):
   s = bc.SIZES[size]
-  return dict(vocab_size=bc.VOCAB, max_position_embeddings=max(2048, s["seq"]), rms_norm_eps=1e-6,
+  return dict(vocab_size=bc.vocab(size), max_position_embeddings=max(2048, s["seq"]), rms_norm_eps=1e-6,
               **s["backbone"])
 
 
 def _ae_config(size):
-  return AutoencoderConfig(vocab_size=bc.VOCAB, latent_size=bc.LATENT, patch_size=bc.PATCH,
+  return AutoencoderConfig(vocab_size=bc.vocab(size), latent_size=bc.LATENT, patch_size=bc.PATCH,
                            num_encoder_layers=2, num_decoder_layers=2, **bc.SIZES[size]["ae"])
 
 
@@ -91,12 +100,17 @@ class Bench:
     if dtype not in self._peaks:
       dt = getattr(torch, dtype)
       n = 2048
-      a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
+      if os.environ.get("CALM_BENCH_PEAK_FLOPS"):
+        return float(os.environ["CALM_BENCH_PEAK_FLOPS"])
+      n = 2048 if DEVICE.type == "cpu" else 8192
+      a, b = torch.randn(n, n, dtype=dt, device=DEVICE), torch.randn(n, n, dtype=dt, device=DEVICE)
       a @ b
       best = float("inf")
       for _ in range(5):
+        _sync()
         t0 = time.perf_counter()
         a @ b
+        _sync()
         best = min(best, time.perf_counter() - t0)
       self._peaks[dtype] = 2.0 * n ** 3 / best
     return self._peaks[dtype]
@@ -104,20 +118,20 @@ class Bench:
   def _setup(self, model, size, dtype):
     key = (model, size, dtype)
     if key not in self._state:
-      m = build(model, size, dtype, self._tmp)
+      m = build(model, size, dtype, self._tmp).to(DEVICE)
       o = bc.OPTIM
       opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=o["lr"], betas=(o["b1"], o["b2"]),
                               eps=o["eps"], weight_decay=o["weight_decay"])
       s = bc.SIZES[size]
       g = torch.Generator().manual_seed(2)
-      ids = torch.randint(0, bc.VOCAB, (s["batch"], s["seq"]), generator=g)
+      ids = torch.randint(0, bc.vocab(size), (s["batch"], s["seq"]), generator=g).to(DEVICE)
       self._state[key] = dict(model=m, opt=opt, ids=ids, n=0)
     return self._state[key]
 
   def run(self, model: str, size: str, dtype: str = "float32", iters: int = 5) -> dict:
     st = self._setup(model, size, dtype)
     m, opt, ids = st["model"], st["opt"], st["ids"]
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
+    ctx = torch.autocast(DEVICE.type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
     times = []
     warm = 2 if st["n"] == 0 else 1
     for i in range(warm + iters):
@@ -128,6 +142,8 @@ class Bench:
       torch.nn.utils.clip_grad_norm_([p for p in m.parameters() if p.requires_grad], bc.OPTIM["clip"])
       opt.step()
       opt.zero_grad(set_to_none=True)
+      loss = loss.detach()
+      _sync()
       st["n"] += 1
       if i >= warm:
         times.append(time.perf_counter() - t0)

@@ -42,9 +42,9 @@ from calm_jax.cost import flops, xla_cost  # noqa: E402
 
 def build_configs(size: str, dtype: str):
   """(ae_cfg, energy_cfg, transformer_cfg) of a benchmark size; compute in ``dtype``, fp32 parameters."""
-  s = bc.SIZES[size]
-  ae = AutoencoderConfig(vocab_size=bc.VOCAB, latent_size=bc.LATENT, patch_size=bc.PATCH, dtype=dtype, **s["ae"])
-  bb = LlamaConfig(vocab_size=bc.VOCAB, max_position_embeddings=max(2048, s["seq"]), dtype=dtype, **s["backbone"])
+  s, v = bc.SIZES[size], bc.vocab(size)
+  ae = AutoencoderConfig(vocab_size=v, latent_size=bc.LATENT, patch_size=bc.PATCH, dtype=dtype, **s["ae"])
+  bb = LlamaConfig(vocab_size=v, max_position_embeddings=max(2048, s["seq"]), dtype=dtype, **s["backbone"])
   en = EnergyConfig(backbone=bb, patch_size=bc.PATCH, latent_size=bc.LATENT, num_mlp_layers=s["num_mlp_layers"],
                     **bc.HEAD)
   return ae, en, TransformerConfig(backbone=bb)
@@ -58,8 +58,13 @@ class Bench:
     self._peaks = {}
 
   def peak(self, dtype: str) -> float:
+    """The MFU denominator: ``CALM_BENCH_PEAK_FLOPS`` if set (gpu.sh sets the GPU's bf16 peak),
+    else the matmul peak measured in this process."""
+    if os.environ.get("CALM_BENCH_PEAK_FLOPS"):
+      return float(os.environ["CALM_BENCH_PEAK_FLOPS"])
     if dtype not in self._peaks:
-      self._peaks[dtype] = flops.measure_matmul_peak(dtype, n=2048, iters=5)
+      n = 2048 if jax.default_backend() == "cpu" else 8192
+      self._peaks[dtype] = flops.measure_matmul_peak(dtype, n=n, iters=5)
     return self._peaks[dtype]
 
   def _setup(self, model: str, size: str, dtype: str):
@@ -71,7 +76,7 @@ class Bench:
       params = models.init_params(cfg, jax.random.key(0))
       ae_params = models.init_params(ae, jax.random.key(1)) if model == "energy" else None
       s = bc.SIZES[size]
-      tokens = jax.random.randint(jax.random.key(2), (s["batch"], s["seq"]), 0, bc.VOCAB, jnp.int32)
+      tokens = jax.random.randint(jax.random.key(2), (s["batch"], s["seq"]), 0, bc.vocab(size), jnp.int32)
       context = {"transformer": s["seq"], "energy": s["seq"] // bc.PATCH, "autoencoder": None}[model]
       fpt = flops.train_flops_per_token(model, cfg, ae if model == "energy" else None, context)
       self._steps[key] = dict(step=jax.jit(step, donate_argnums=(0, 1)), params=params,
@@ -101,7 +106,7 @@ class Bench:
 def main():
   hostmem.reexec_with_tuned_malloc()
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--sizes", default="small,medium")
+  ap.add_argument("--sizes", default="small,medium", help=f"of {sorted(bc.SIZES)}")
   ap.add_argument("--models", default=",".join(bc.MODELS))
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   ap.add_argument("--iters", type=int, default=5)

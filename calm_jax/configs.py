@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_IMPLS = ("xla", "dot_product_attention")
+ATTENTION_IMPLS = ("auto", "xla", "chunked", "cudnn", "splash", "dot_product_attention")
 DTYPES = ("float32", "bfloat16", "float16")
 # CALM's generative heads by config name; each is implemented in calm_jax/models/heads/<name>.py and
 # listed in calm_jax.models.heads.HEADS (which checks that the two lists agree).
@@ -117,11 +117,17 @@ class LlamaConfig(_Base):
   rope_theta: float = 10000.0
   rms_norm_eps: float = 1e-6
   initializer_range: float = 0.02
+  # Mixed precision as the reference trains (torch autocast bf16), with dtype='bfloat16' and
+  # param_dtype='float32': fp32 master weights (and gradients, optimizer state); every Dense / einsum
+  # in bf16; RMSNorm / LayerNorm statistics, attention softmax, the energy score and all losses in
+  # fp32 (tests/test_precision.py).  The paper-size experiments default to it.
   dtype: str = "float32"          # compute dtype
   param_dtype: str = "float32"    # storage dtype of the parameters
   scan_layers: bool = False       # one scanned layer stack (fast compiles) or a Python loop
   remat_policy: str = "none"      # none | full | dots | dots_no_batch
-  attention_impl: str = "xla"     # xla (einsum) | dot_product_attention (jax.nn, cuDNN on GPU)
+  # auto (by platform: cuDNN on GPUs in bf16, splash on TPUs, else query-chunked for T >= 256) |
+  # xla (einsum) | chunked | cudnn | splash | dot_product_attention: calm_jax.models.attention
+  attention_impl: str = "auto"
 
   @property
   def head_dim(self) -> int:

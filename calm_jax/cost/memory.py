@@ -43,8 +43,8 @@ positions, t = tensor-parallel size; D-wide tensors are not split over
                  [weight matmul outputs only; attention recomputed]
   full           b*D   [the layer input only]
 
-With ``attention_impl='dot_product_attention'`` on GPU (cuDNN flash
-attention) the C-proportional terms become ``(H/t)*4`` (the log-sum-exp).
+With cuDNN flash attention on GPU (``attention_impl='cudnn'``, ``'auto'`` in bf16/fp16, or
+``'dot_product_attention'``) the C-proportional terms become ``(H/t)*4`` (the log-sum-exp).
 
 Non-layer activations per position: the transformer's logits ``V/t*(b + 8)``
 (compute-dtype logits, fp32 log-softmax and its gradient); CALM's input
@@ -206,7 +206,8 @@ def layer_activation_bytes(bb: LlamaConfig, policy: str, context: int, tensor: i
   """Bytes one backbone layer keeps per position for the backward pass (formula: module doc)."""
   d, f, h = bb.hidden_size, bb.intermediate_size, bb.num_attention_heads
   dkv = bb.num_key_value_heads * bb.head_dim
-  flash = bb.attention_impl == "dot_product_attention" and platform == "gpu"
+  flash = platform == "gpu" and (bb.attention_impl in ("dot_product_attention", "cudnn")
+                                 or (bb.attention_impl == "auto" and b <= 2))   # auto: cuDNN in bf16/fp16
   if policy == "none":
     attn = (h / tensor) * (4 if flash else context * (4 + b))
     return b * (6 * d + (3 * d + 3 * dkv + 4 * f) / tensor) + attn

@@ -129,7 +129,7 @@ def calm_teacher_forced(cfg, ae_cfg, params, ae_params, tokens_BxT, key, capacit
   # numbers with or without a mesh.
   noise_2xBxSxE = sharded_losses.row_noise(cfg, key, jnp.arange(b), s, 2)
   z = heads.get(cfg).sample(params["generative_head"], h_BxSxD[None], noise_2xBxSxE)
-  preds = jnp.argmax(Autoencoder(ae_cfg).apply({"params": ae_params}, z, method="decode"), -1)
+  preds = Autoencoder(ae_cfg).apply({"params": ae_params}, z, method="decode_argmax")
   return preds[0], preds[1], tokens_BxT[:, k:].reshape(b, s, k), cache
 
 
@@ -148,7 +148,7 @@ def calm_rollout_collisions(cfg, ae_cfg, params, ae_params, cache, pred1_BxSxK, 
       h, cache_R = model.apply({"params": params}, chunk_RxK, position_R[:, None], cache_R, method="hidden")
       noise_2xRxE = head_row_noise(cfg, key_j, row_ids_R, 2)
       z = head.sample(params["generative_head"], h[:, 0][None], noise_2xRxE)
-      pair = jnp.argmax(ae.apply({"params": ae_params}, z, method="decode"), -1).astype(chunk_RxK.dtype)
+      pair = ae.apply({"params": ae_params}, z, method="decode_argmax").astype(chunk_RxK.dtype)
       return pair, (cache_R, position_R + 1)
 
     state = (_row_cache(cache, b_R, p_R, s), p_R + 1)
@@ -427,7 +427,7 @@ def _ae_fn(ae_cfg, sigmas: tuple[float, ...], pad_id: int):
     eps = jax.random.normal(key, (len(sigmas) + 1,) + mean.shape, mean.dtype)
     sig = jnp.asarray(sigmas, mean.dtype)[:, None, None, None]
     z_MxBxSxL = jnp.concatenate([mean[None] + sig * eps[:-1], (mean + jnp.exp(log_std) * eps[-1])[None]])
-    pred = jnp.argmax(ae.apply({"params": ae_params}, z_MxBxSxL, method="decode"), -1)
+    pred = ae.apply({"params": ae_params}, z_MxBxSxL, method="decode_argmax")
     target_BxSxK = tokens_BxT.reshape(b, t // k, k)
     real = target_BxSxK != pad_id
     right = (pred == target_BxSxK[None]) | ~real[None]   # PAD fill is not scored

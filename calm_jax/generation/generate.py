@@ -137,8 +137,7 @@ def calm_draw_fn(cfg, ae_cfg, params, ae_params, h_BxD, row_ids_B) -> sampling.D
   def draw(key, n):
     noise_NxBxE = head_row_noise(cfg, key, row_ids_B, n)
     z_NxBxL = head.sample(params["generative_head"], h_BxD[None], noise_NxBxE)
-    logits_NxBxKxV = ae.apply({"params": ae_params}, z_NxBxL, method="decode")
-    return jnp.argmax(logits_NxBxKxV, axis=-1).astype(jnp.int32)
+    return ae.apply({"params": ae_params}, z_NxBxL, method="decode_argmax").astype(jnp.int32)
 
   return draw
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from calm_jax.configs import AutoencoderConfig, dtype_of
-from calm_jax.models import layers
+from calm_jax.models import layers, losses
 
 
 class AELayer(nn.Module):
@@ -96,7 +96,10 @@ class Autoencoder(nn.Module):
     ``decode(z_BxSxL) -> logits_BxSxKxV`` (fp32)
     ``__call__(tokens_BxT, key=None, train=False)``: the variational forward
       used for training; returns a dict with ``logits`` (B x S x K x V, fp32),
-      ``mean`` and ``log_std``.
+      ``mean`` and ``log_std`` -- or, when the vocabulary is large enough to be
+      projected in blocks (:func:`calm_jax.models.losses.vocab_block_size`),
+      ``hidden`` and ``embedding`` (see ``decode_hidden``) in place of ``logits``.
+    ``decode_argmax(z_BxSxL) -> tokens_BxSxK``: the argmax decode, blocked at large V.
   """
   cfg: AutoencoderConfig
 
@@ -116,6 +119,20 @@ class Autoencoder(nn.Module):
     h = self.decoder(z_BxSxL.reshape(-1, z_BxSxL.shape[-1]))
     logits = self.encoder.embed_tokens.attend(h).astype(jnp.float32)
     return logits.reshape(lead + logits.shape[-2:])
+
+  def decode_hidden(self, z_BxSxL):
+    """``(h_BxSxKxD, E_VxD)``: the decoder's output states and the tied projection, both in the
+    compute dtype (``decode`` is ``h @ E^T``)."""
+    lead = z_BxSxL.shape[:-1]
+    h = self.decoder(z_BxSxL.reshape(-1, z_BxSxL.shape[-1]))
+    h = h.astype(dtype_of(self.cfg.dtype)).reshape(lead + h.shape[-2:])
+    return h, self.encoder.embed_tokens.embedding.astype(dtype_of(self.cfg.dtype))
+
+  def decode_argmax(self, z_BxSxL):
+    """``argmax(decode(z), -1)`` as int32 ``[..., K]``, in vocabulary blocks when V is large
+    (the logits are not materialised; same tokens, the first maximum on ties)."""
+    h, e = self.decode_hidden(z_BxSxL)
+    return losses.projected_argmax(h, e)
 
   def __call__(self, tokens_BxT, key=None, train: bool = False):
     """Variational forward.
@@ -142,6 +159,10 @@ class Autoencoder(nn.Module):
       if train and cfg.ae_dropout > 0:
         keep = jax.random.bernoulli(k_drop, 1.0 - cfg.ae_dropout, z.shape)
         z = jnp.where(keep, z / (1.0 - cfg.ae_dropout), 0).astype(z.dtype)
+    if losses.vocab_block_size(cfg.vocab_size, z.size // z.shape[-1] * cfg.patch_size):
+      # Large V: no [tokens, V] logits; the loss projects in vocabulary blocks.
+      h, e = self.decode_hidden(z)
+      return {"hidden": h, "embedding": e, "mean": mean, "log_std": log_std}
     return {"logits": self.decode(z), "mean": mean, "log_std": log_std}
 
   def init_all(self, tokens_BxT):

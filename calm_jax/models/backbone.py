@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from calm_jax.configs import LlamaConfig, dtype_of
-from calm_jax.models import layers
+from calm_jax.models import attention, layers
 
 Cache = dict[str, Any]
 
@@ -38,7 +38,7 @@ _REMAT = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
-_NEG_INF = -1e30  # large finite value: a fully-masked row (left padding) stays NaN-free
+_NEG_INF = attention.NEG_INF  # large finite value: a fully-masked row (left padding) stays NaN-free
 
 
 def init_cache(cfg: LlamaConfig, batch_size: int, capacity: int, dtype=None) -> Cache:
@@ -55,16 +55,9 @@ def init_cache(cfg: LlamaConfig, batch_size: int, capacity: int, dtype=None) -> 
 
 
 def _attend(q_BxTxHxDh, k_BxSxGxDh, v_BxSxGxDh, mask_BxTxS):
-  """Softmax attention in fp32 with GQA by grouping query heads."""
-  b, t, h, dh = q_BxTxHxDh.shape
-  g = k_BxSxGxDh.shape[2]
-  q = q_BxTxHxDh.reshape(b, t, g, h // g, dh)
-  scores = jnp.einsum("btgrd,bsgd->bgrts", q, k_BxSxGxDh).astype(jnp.float32) / jnp.sqrt(dh).astype(
-      jnp.float32)
-  scores = jnp.where(mask_BxTxS[:, None, None], scores, _NEG_INF)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxGxDh.dtype)
-  out = jnp.einsum("bgrts,bsgd->btgrd", probs, v_BxSxGxDh)
-  return out.reshape(b, t, h, dh)
+  """Softmax attention in fp32 with GQA by grouping query heads (the plain path,
+  :func:`calm_jax.models.attention.attend_xla`)."""
+  return attention.attend_xla(q_BxTxHxDh, k_BxSxGxDh, v_BxSxGxDh, mask_BxTxS)
 
 
 class Attention(nn.Module):
@@ -86,10 +79,8 @@ class Attention(nn.Module):
       cv = jax.lax.dynamic_update_slice_in_dim(kv_cache["v"], v.astype(kv_cache["v"].dtype), index, axis=1)
       new_cache = {"k": ck, "v": cv}
       k, v = ck.astype(q.dtype), cv.astype(q.dtype)
-    if cfg.attention_impl == "dot_product_attention" and kv_cache is None:
-      out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-    else:
-      out = _attend(q, k, v, mask)
+    # cfg.attention_impl picks the kernel (calm_jax.models.attention: 'auto' by platform).
+    out = attention.attend(q, k, v, mask, cfg.attention_impl, cached=kv_cache is not None)
     y = layers.Dense(cfg.hidden_size, ("heads", "head_dim", "embed"), in_axes=2, name="o_proj", **kw)(out)
     return y, new_cache
 

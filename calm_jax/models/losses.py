@@ -9,10 +9,14 @@ Everything is computed in fp32 whatever the compute dtype of the model.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from calm_jax.configs import AutoencoderConfig, check_beta
+from calm_jax.models import layers
 
 # --------------------------------------------------------------------------- autoencoder
 
@@ -75,19 +79,227 @@ def token_cross_entropy(logits_xV, labels_x, mask_x=None):
   return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+# --------------------------------------------------------------------------- large vocabularies
+#
+# Cross-entropy, accuracy and argmax through an output projection, in vocabulary blocks: the
+# [tokens, V] logits are never in memory at once (the "blockwise" or "cut" cross-entropy).  At
+# Llama-3's V = 128,257 one fp32 copy of them is 1 GB per 2048 tokens, and a plain train step holds
+# several (logits, exponentials, their cotangent).  Here a loop over blocks of ``c`` vocabulary rows
+# of the projection computes each block's logits, folds them into a running logsumexp (and max /
+# argmax, and picks the label's logit from the block that holds it); the VJP recomputes the block
+# logits from the saved logsumexp and accumulates ``dh`` and ``dW`` block by block.  Same values as
+# the plain path to fp32 reassociation (tested to 1e-6).  Costs one more pass of the projection's
+# GEMM than the plain path (the recomputation), and saves every [tokens, V] pass over memory.
+
+VOCAB_CHUNK_MIN = 32_768     # V above which losses and argmax decodes run in vocabulary blocks
+VOCAB_BLOCK_ELEMS = 1 << 23  # target rows x block width of one block's logits (32 MB in fp32)
+VOCAB_BLOCK_RANGE = (1024, 16_384)
+_FORCED_BLOCK = [None]        # set by vocab_blocks(): tests and benchmarks force a block size
+
+
+@contextlib.contextmanager
+def vocab_blocks(block: int | None):
+  """Within the context, every vocabulary-blocked op uses ``block`` columns per block (0: the
+  plain path, whatever V; None: the automatic choice).  Read at trace time."""
+  _FORCED_BLOCK[0], prev = block, _FORCED_BLOCK[0]
+  try:
+    yield
+  finally:
+    _FORCED_BLOCK[0] = prev
+
+
+def vocab_block_size(v: int, rows: int) -> int:
+  """Block width for a projection onto ``v`` classes from ``rows`` rows; 0 means unblocked.
+
+  Automatic: unblocked up to ``VOCAB_CHUNK_MIN`` (the benchmark configs' V = 8192 and the tiny
+  vocabularies keep exactly today's path); above it, a power of two with about
+  ``VOCAB_BLOCK_ELEMS`` logits per block, within ``VOCAB_BLOCK_RANGE``.
+  """
+  forced = _FORCED_BLOCK[0]
+  if forced is not None:
+    return 0 if forced <= 0 or forced >= v else int(forced)
+  if v <= VOCAB_CHUNK_MIN:
+    return 0
+  c = 1 << max(0, (VOCAB_BLOCK_ELEMS // max(rows, 1)).bit_length() - 1)
+  return int(min(max(c, VOCAB_BLOCK_RANGE[0]), VOCAB_BLOCK_RANGE[1], v))
+
+
+def _w_block(w, start, c: int, layout: str):
+  """Block ``[start, start + c)`` of the projection: ``[c, D]`` rows of a ``[V, D]`` embedding
+  (layout 'vd') or ``[D, c]`` columns of a ``[D, V]`` kernel (layout 'dv')."""
+  return jax.lax.dynamic_slice_in_dim(w, start, c, axis=0 if layout == "vd" else 1)
+
+
+def _block_logits(h_NxD, w_blk, layout: str):
+  dims = (((1,), (1,)), ((), ())) if layout == "vd" else (((1,), (0,)), ((), ()))
+  return jax.lax.dot_general(h_NxD, w_blk, dims, preferred_element_type=jnp.float32)
+
+
+def _block_starts(v: int, c: int, i):
+  """Start of block i and the first column it owns.  The last block is shifted back to end at V
+  (no padded copy of the projection); its columns below ``own`` belong to the previous block and
+  are masked out."""
+  own = i * c
+  return jnp.minimum(own, v - c), own
+
+
+def _scan_blocks(h_NxD, w, labels_N, c: int, layout: str):
+  """One pass over the vocabulary: per row logsumexp, label logit and argmax (first maximum)."""
+  v = w.shape[0] if layout == "vd" else w.shape[1]
+  n = h_NxD.shape[0]
+  iota = jnp.arange(c, dtype=jnp.int32)
+
+  def body(i, carry):
+    m, s, picked, best, arg = carry
+    start, own = _block_starts(v, c, i)
+    cols = start + iota
+    logits = _block_logits(h_NxD, _w_block(w, start, c, layout), layout)
+    owned = cols >= own
+    logits = jnp.where(owned, logits, -jnp.inf)
+    bm = jnp.max(logits, axis=-1)
+    m_new = jnp.maximum(m, bm)
+    s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new[:, None]), axis=-1)
+    if labels_N is not None:
+      is_label = owned & (cols == labels_N[:, None])
+      picked = picked + jnp.sum(jnp.where(is_label, logits, 0.0), axis=-1)
+    barg = start + jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    arg = jnp.where(bm > best, barg, arg)          # strictly greater: the first maximum wins
+    return m_new, s, picked, jnp.maximum(best, bm), arg
+
+  f32 = jnp.float32
+  init = (jnp.full((n,), -jnp.inf, f32), jnp.zeros((n,), f32), jnp.zeros((n,), f32),
+          jnp.full((n,), -jnp.inf, f32), jnp.zeros((n,), jnp.int32))
+  m, s, picked, _, arg = jax.lax.fori_loop(0, -(-v // c), body, init)
+  return m + jnp.log(s), picked, arg
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def blocked_token_nll(h_NxD, w, labels_N, block: int, layout: str = "vd"):
+  """``(nll_N, correct_N)`` of ``softmax(h @ W)`` without the ``[N, V]`` logits in memory.
+
+  ``w``: the ``[V, D]`` (tied) embedding with ``layout='vd'``, or a ``[D, V]`` LM-head kernel with
+  ``layout='dv'``; ``block``: vocabulary columns per block (static).  ``nll`` = logsumexp - label
+  logit in fp32; ``correct`` = 1.0 where the (first) argmax equals the label, no gradient.
+  Operands in any float dtype; block logits are accumulated in fp32.  Gradients flow to ``h`` and
+  ``w`` only, through a VJP that recomputes each block's logits.
+  """
+  lse, picked, arg = _scan_blocks(h_NxD, w, labels_N, block, layout)
+  return lse - picked, (arg == labels_N).astype(jnp.float32)
+
+
+def _blocked_fwd(h_NxD, w, labels_N, block, layout):
+  lse, picked, arg = _scan_blocks(h_NxD, w, labels_N, block, layout)
+  return (lse - picked, (arg == labels_N).astype(jnp.float32)), (h_NxD, w, labels_N, lse)
+
+
+def _blocked_bwd(block, layout, res, cts):
+  h_NxD, w, labels_N, lse = res
+  g_N = cts[0].astype(jnp.float32)
+  c = block
+  v = w.shape[0] if layout == "vd" else w.shape[1]
+  iota = jnp.arange(c, dtype=jnp.int32)
+  # dW's block product contracts the N rows: as [D, N] @ [N, c] with the small h transposed once
+  # (see layers.tied_logits for why XLA:CPU wants it this way round).
+  h_DxN = jax.lax.optimization_barrier(h_NxD.T)
+
+  def body(i, carry):
+    dh, dw = carry
+    start, own = _block_starts(v, c, i)
+    cols = start + iota
+    w_blk = _w_block(w, start, c, layout)
+    logits = _block_logits(h_NxD, w_blk, layout)
+    owned = cols >= own
+    p = jnp.where(owned, jnp.exp(logits - lse[:, None]), 0.0)
+    is_label = (owned & (cols == labels_N[:, None])).astype(jnp.float32)
+    d_Nxc = (g_N[:, None] * (p - is_label)).astype(h_NxD.dtype)
+    if layout == "vd":
+      dh = dh + jnp.dot(d_Nxc, w_blk, preferred_element_type=jnp.float32)
+      # The barrier keeps XLA from folding the transpose back into the product (as d^T h).
+      dw_blk = jax.lax.optimization_barrier(jnp.dot(h_DxN, d_Nxc, preferred_element_type=jnp.float32)).T
+      dw = jax.lax.dynamic_update_slice_in_dim(
+          dw, jax.lax.dynamic_slice_in_dim(dw, start, c, 0) + dw_blk, start, axis=0)
+    else:
+      dh = dh + jax.lax.dot_general(d_Nxc, w_blk, (((1,), (1,)), ((), ())),
+                                    preferred_element_type=jnp.float32)
+      dw_blk = jnp.dot(h_DxN, d_Nxc, preferred_element_type=jnp.float32)
+      dw = jax.lax.dynamic_update_slice_in_dim(
+          dw, jax.lax.dynamic_slice_in_dim(dw, start, c, 1) + dw_blk, start, axis=1)
+    return dh, dw
+
+  init = (jnp.zeros(h_NxD.shape, jnp.float32), jnp.zeros(w.shape, jnp.float32))
+  dh, dw = jax.lax.fori_loop(0, -(-v // c), body, init)
+  return dh.astype(h_NxD.dtype), dw.astype(w.dtype), None
+
+
+blocked_token_nll.defvjp(_blocked_fwd, _blocked_bwd)
+
+
+def blocked_argmax(h_NxD, w, block: int, layout: str = "vd"):
+  """``argmax(h @ W, -1)`` (int32, the first maximum as ``jnp.argmax``) in vocabulary blocks."""
+  return _scan_blocks(jax.lax.stop_gradient(h_NxD), jax.lax.stop_gradient(w), None, block, layout)[2]
+
+
+def projected_argmax(h_xD, w, layout: str = "vd"):
+  """``argmax(h @ W)`` over the vocabulary for any leading shape; blocked when V is large."""
+  v = w.shape[0] if layout == "vd" else w.shape[1]
+  lead = h_xD.shape[:-1]
+  h = h_xD.reshape(-1, h_xD.shape[-1])
+  c = vocab_block_size(v, h.shape[0])
+  if c:
+    return blocked_argmax(h, w, c, layout).reshape(lead)
+  return jnp.argmax(_block_logits(h, w, layout), -1).astype(jnp.int32).reshape(lead)
+
+
+def projected_token_nll(h_xD, w, labels_x, layout: str = "vd"):
+  """Per-token ``(nll_x, correct_x)`` (fp32) of ``softmax(h @ W)`` for any leading shape ``x``:
+  blocked over the vocabulary when V is large (:func:`blocked_token_nll`), else the plain path
+  (:func:`calm_jax.models.layers.tied_logits` or ``h @ W``, then :func:`token_nll`)."""
+  v = w.shape[0] if layout == "vd" else w.shape[1]
+  h = h_xD.reshape(-1, h_xD.shape[-1])
+  labels = labels_x.reshape(-1)
+  c = vocab_block_size(v, h.shape[0])
+  if c:
+    nll, correct = blocked_token_nll(h, w, labels, c, layout)
+  else:
+    if layout == "vd":
+      logits = layers.tied_logits(h, w).astype(jnp.float32)
+    else:
+      logits = jnp.dot(h, w).astype(jnp.float32)
+    nll = token_nll(logits, labels)
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  return nll.reshape(labels_x.shape), correct.reshape(labels_x.shape)
+
+
+def projected_cross_entropy(h_xD, w, labels_x, mask_x=None, layout: str = "vd"):
+  """``(mean CE, token accuracy)`` of ``softmax(h @ W)`` over (masked) tokens
+  (:func:`projected_token_nll`)."""
+  nll, correct = projected_token_nll(h_xD, w, labels_x, layout)
+  nll, correct = nll.reshape(-1), correct.reshape(-1)
+  if mask_x is None:
+    return jnp.mean(nll), jnp.mean(correct)
+  mask = mask_x.reshape(-1).astype(jnp.float32)
+  count = jnp.maximum(jnp.sum(mask), 1.0)
+  return jnp.sum(nll * mask) / count, jnp.sum(correct * mask) / count
+
+
 def autoencoder_loss(outputs, labels_BxT, cfg: AutoencoderConfig, train: bool = True):
   """The reference's AE objective.
 
-  ``outputs`` is the dict returned by :class:`calm_jax.models.autoencoder.Autoencoder`.
+  ``outputs`` is the dict returned by :class:`calm_jax.models.autoencoder.Autoencoder`: with
+  ``logits``, or (large vocabularies) ``hidden`` and ``embedding``, whose cross-entropy and
+  accuracy are then computed in vocabulary blocks (:func:`projected_cross_entropy`).
   Training: ``K * mean CE + kl_weight * clamped KL`` (K * token-mean CE is the
   per-chunk sum of Eq. 1).  Evaluation: the plain mean CE, as the reference.
   Returns ``(loss, metrics)``.
   """
-  logits = outputs["logits"]
-  v = logits.shape[-1]
-  ce = token_cross_entropy(logits.reshape(-1, v), labels_BxT.reshape(-1))
   kl = clamped_kl(outputs["mean"], outputs["log_std"], cfg.kl_clamp)
-  acc = jnp.mean((jnp.argmax(logits, -1).reshape(labels_BxT.shape) == labels_BxT).astype(jnp.float32))
+  if "logits" in outputs:
+    logits = outputs["logits"]
+    v = logits.shape[-1]
+    ce = token_cross_entropy(logits.reshape(-1, v), labels_BxT.reshape(-1))
+    acc = jnp.mean((jnp.argmax(logits, -1).reshape(labels_BxT.shape) == labels_BxT).astype(jnp.float32))
+  else:   # large V: the model returned the decoder's hidden states and the tied projection instead
+    ce, acc = projected_cross_entropy(outputs["hidden"], outputs["embedding"], labels_BxT)
   loss = ce * cfg.patch_size + cfg.kl_weight * kl if train else ce
   return loss, {"loss": loss, "ce": ce, "kl": kl, "token_acc": acc}
 

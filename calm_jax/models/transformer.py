@@ -26,3 +26,12 @@ class TransformerLM(nn.Module):
   def __call__(self, tokens_BxT, positions_BxT=None, cache: Cache | None = None, valid_BxT=None):
     h, cache = self.model(self.model.embed(tokens_BxT), positions_BxT, cache, valid_BxT)
     return self.lm_head(h).astype(jnp.float32), cache
+
+  def hidden_and_head(self, tokens_BxT):
+    """``(h_BxTxD, W_DxV)``: the final hidden states and the LM head's kernel, both in the compute
+    dtype (``__call__``'s logits are ``h @ W``), for losses that project in vocabulary blocks."""
+    h, _ = self.model(self.model.embed(tokens_BxT))
+    dt = dtype_of(self.cfg.backbone.dtype)
+    if self.is_initializing():
+      self.lm_head(h[:, :1])
+    return h.astype(dt), self.lm_head.variables["params"]["kernel"].astype(dt)

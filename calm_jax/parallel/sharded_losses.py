@@ -177,9 +177,8 @@ def sharded_calm_brier_rows_fn(cfg: EnergyConfig, ae_cfg: AutoencoderConfig, mes
 
   def per_device(ae_params, z_2xBxSxL, target_BxSxK):
     b_loc, s = target_BxSxK.shape[:2]
-    logits = Autoencoder(ae_cfg).apply({"params": ae_params}, z_2xBxSxL.reshape(2 * b_loc, s, -1),
-                                       method="decode")
-    preds = jnp.argmax(logits, -1).reshape(2, b_loc, s, k)
+    preds = Autoencoder(ae_cfg).apply({"params": ae_params}, z_2xBxSxL.reshape(2 * b_loc, s, -1),
+                                      method="decode_argmax").reshape(2, b_loc, s, k)
     return jnp.sum(brier.two_sample_brier(preds[0], preds[1], target_BxSxK), axis=1)   # B_loc x 4
 
   rows = jax.shard_map(per_device, mesh=mesh, axis_names=_manual_axes(mesh),

@@ -36,6 +36,7 @@ import optax
 
 from calm_jax import models
 from calm_jax.configs import AutoencoderConfig
+from calm_jax.models import losses
 from calm_jax.models.autoencoder import Autoencoder
 from calm_jax.parallel import sharded_losses
 from calm_jax.training import optim
@@ -135,22 +136,18 @@ def autoencoder_eval_step(cfg: AutoencoderConfig, pad_id: int, noise_sigma: floa
     mean_BxSxL, log_std_BxSxL = model.apply({"params": params}, tokens_BxT, method="encode")
     k_noise, k_post = jax.random.split(key)
 
-    def decode(z_BxSxL):
-      return model.apply({"params": params}, z_BxSxL, method="decode").reshape(b, t, -1)
+    def nll_correct(z_BxSxL):   # projected in vocabulary blocks at large V (losses.projected_token_nll)
+      h, e = model.apply({"params": params}, z_BxSxL, method="decode_hidden")
+      return losses.projected_token_nll(h.reshape(b, t, -1), e, tokens_BxT)
 
-    def correct(logits_BxTxV):
-      return (jnp.argmax(logits_BxTxV, -1) == tokens_BxT).astype(jnp.float32)
-
-    clean = decode(mean_BxSxL)
+    nll_BxT, clean = nll_correct(mean_BxSxL)
     eps = jax.random.normal(k_noise, mean_BxSxL.shape, jnp.float32)
-    noisy = decode(mean_BxSxL + noise_sigma * eps.astype(mean_BxSxL.dtype))
+    _, noisy = nll_correct(mean_BxSxL + noise_sigma * eps.astype(mean_BxSxL.dtype))
     eps = jax.random.normal(k_post, mean_BxSxL.shape, jnp.float32)
-    post = decode(mean_BxSxL + jnp.exp(log_std_BxSxL) * eps.astype(mean_BxSxL.dtype))
-    logp = jax.nn.log_softmax(clean, -1)
-    nll_BxT = -jnp.take_along_axis(logp, tokens_BxT[..., None], -1)[..., 0]
-    return {"token_acc": _sum_count(correct(clean), mask_BxT),
-            "token_acc_noisy": _sum_count(correct(noisy), mask_BxT),
-            "token_acc_posterior": _sum_count(correct(post), mask_BxT),
+    _, post = nll_correct(mean_BxSxL + jnp.exp(log_std_BxSxL) * eps.astype(mean_BxSxL.dtype))
+    return {"token_acc": _sum_count(clean, mask_BxT),
+            "token_acc_noisy": _sum_count(noisy, mask_BxT),
+            "token_acc_posterior": _sum_count(post, mask_BxT),
             "ce": _sum_count(nll_BxT, mask_BxT)}
 
   return eval_step
