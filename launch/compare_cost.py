@@ -12,23 +12,27 @@ residual against each.
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
 from calm_jax.cost import flops
+from launch import cli
 
-_MODELS = flags.DEFINE_list("models", list(flops.PAPER_TABLE1), "Model names from flops.paper_configs().")
-_TOKENS = flags.DEFINE_float("tokens", flops.PAPER_TOKENS, "Training token budget.")
-_CONTEXT = flags.DEFINE_integer("context", flops.PAPER_CONTEXT,
-                                "Attention context in positions: tokens (baseline), chunks (CALM).")
-_AE_TOKENS = flags.DEFINE_float("ae_tokens", flops.PAPER_AE_TOKENS, "Autoencoder training tokens (CALM rows).")
-_HEAD = flags.DEFINE_enum("head_convention", "factored", flops.HEAD_CONVENTIONS,
-                          "How the head's N training samples count (docs/FLOPS.md).")
-_PAPER = flags.DEFINE_bool("paper", False, "Print the paper's Table 1 with our residuals (ignores --models, "
-                           "--tokens, --context, --ae_tokens).")
-_BREAKDOWN = flags.DEFINE_bool("breakdown", False, "Also print the per-token FLOPs by part.")
-_HEADS = flags.DEFINE_bool("heads", False,
-                           "Print each generative head's training and inference FLOPs per token "
-                           "on the head-ablation base and CALM-M (flops.head_configs(); uses --context).")
+
+def _define(fv: flags.FlagValues) -> None:
+  d = {"flag_values": fv}
+  flags.DEFINE_list("models", list(flops.PAPER_TABLE1), "Model names from flops.paper_configs().", **d)
+  flags.DEFINE_float("tokens", flops.PAPER_TOKENS, "Training token budget.", **d)
+  flags.DEFINE_integer("context", flops.PAPER_CONTEXT,
+                       "Attention context in positions: tokens (baseline), chunks (CALM).", **d)
+  flags.DEFINE_float("ae_tokens", flops.PAPER_AE_TOKENS, "Autoencoder training tokens (CALM rows).", **d)
+  flags.DEFINE_enum("head_convention", "factored", flops.HEAD_CONVENTIONS,
+                    "How the head's N training samples count (docs/FLOPS.md).", **d)
+  flags.DEFINE_bool("paper", False, "Print the paper's Table 1 with our residuals (ignores --models, "
+                    "--tokens, --context, --ae_tokens).", **d)
+  flags.DEFINE_bool("breakdown", False, "Also print the per-token FLOPs by part.", **d)
+  flags.DEFINE_bool("heads", False,
+                    "Print each generative head's training and inference FLOPs per token "
+                    "on the head-ablation base and CALM-M (flops.head_configs(); uses --context).", **d)
 
 
 def format_rows(rows: list[flops.CostRow]) -> str:
@@ -109,29 +113,29 @@ def format_heads(context: int, head_convention: str) -> str:
   return "\n".join(out)
 
 
-def main(argv):
-  del argv
-  if _HEADS.value:
-    print(format_heads(_CONTEXT.value, _HEAD.value))
+def main(argv=None):
+  fv = cli.parse(_define, argv, __doc__, "launch.compare_cost")
+  if fv.heads:
+    print(format_heads(fv.context, fv.head_convention))
     return
-  if _PAPER.value:
-    print(format_paper(_HEAD.value))
+  if fv.paper:
+    print(format_paper(fv.head_convention))
     return
   specs = flops.paper_configs()
-  unknown = [m for m in _MODELS.value if m not in specs]
+  unknown = [m for m in fv.models if m not in specs]
   if unknown:
-    raise app.UsageError(f"unknown models {unknown}; known: {', '.join(specs)}")
-  rows = flops.compare({m: specs[m] for m in _MODELS.value}, _TOKENS.value, _CONTEXT.value,
-                       ae_tokens=_AE_TOKENS.value, head_convention=_HEAD.value)
-  print(f"D={_TOKENS.value:.2e} tokens, context {_CONTEXT.value}, AE {_AE_TOKENS.value:.1e} tokens, "
-        f"head convention {_HEAD.value}")
+    cli.fail(f"--models: unknown models {unknown}; known: {', '.join(specs)}")
+  rows = flops.compare({m: specs[m] for m in fv.models}, fv.tokens, fv.context,
+                       ae_tokens=fv.ae_tokens, head_convention=fv.head_convention)
+  print(f"D={fv.tokens:.2e} tokens, context {fv.context}, AE {fv.ae_tokens:.1e} tokens, "
+        f"head convention {fv.head_convention}")
   print(format_rows(rows))
   s = format_savings(rows)
   if s:
     print("\n" + s)
-  if _BREAKDOWN.value:
+  if fv.breakdown:
     print("\n" + format_breakdown(rows))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()

@@ -21,21 +21,25 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
-from absl import app, flags
+from absl import flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir or converted HF folder of a CALM model.")
-_DATA = flags.DEFINE_string("data", None, "Prepared data directory (manifest.json).")
-_SPLIT = flags.DEFINE_string("split", "valid", "Split of the prepared directory.")
-_STEPS = flags.DEFINE_list("steps", ["1", "2", "4", "8", "16", "32", "64", "100"], "Sampler step counts.")
-_SOLVERS = flags.DEFINE_list("solvers", ["midpoint", "euler"], "Flow head: the ODE solvers to evaluate.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Blocks per batch.")
-_NUM_BLOCKS = flags.DEFINE_integer("num_blocks", 0, "Evaluate at most this many blocks (0: all).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed (the same for every step count).")
-_OUTPUT = flags.DEFINE_string("output", None, "Output directory (default: <workdir>/eval).")
-_PLOT = flags.DEFINE_list("plot", [], "Only draw the plot from these head_steps.json files.")
+from launch import cli
+
+
+def _define(fv: flags.FlagValues) -> None:
+  d = {"flag_values": fv}
+  flags.DEFINE_string("workdir", None, "Training workdir or converted HF folder of a CALM model.", **d)
+  flags.DEFINE_string("data", None, "Prepared data directory (manifest.json).", **d)
+  flags.DEFINE_string("split", "valid", "Split of the prepared directory.", **d)
+  flags.DEFINE_list("steps", ["1", "2", "4", "8", "16", "32", "64", "100"], "Sampler step counts.", **d)
+  flags.DEFINE_list("solvers", ["midpoint", "euler"], "Flow head: the ODE solvers to evaluate.", **d)
+  flags.DEFINE_integer("batch_size", 8, "Blocks per batch.", **d)
+  flags.DEFINE_integer("num_blocks", 0, "Evaluate at most this many blocks (0: all).", **d)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).", **d)
+  flags.DEFINE_integer("seed", 0, "PRNG seed (the same for every step count).", **d)
+  flags.DEFINE_string("output", None, "Output directory (default: <workdir>/eval).", **d)
+  flags.DEFINE_list("plot", [], "Only draw the plot from these head_steps.json files.", **d)
 
 
 def step_configs(cfg, steps: list[int], solvers: list[str]) -> list[tuple[str, int, object]]:
@@ -82,38 +86,37 @@ def run_sweep(trained, data_dir: str, split: str, steps: list[int], solvers: lis
   return list(curves.values())
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main(argv=None):
+  fv = cli.parse(_define, argv, __doc__, "launch.head_steps")
   from calm_jax.evaluation import plots  # pylint: disable=import-outside-toplevel
-  if _PLOT.value:
+  if fv.plot:
     curves = []
-    for p in _PLOT.value:
+    for p in fv.plot:
       with open(p) as f:
         curves += json.load(f)["curves"]
-    out = _OUTPUT.value or os.path.dirname(os.path.abspath(_PLOT.value[0]))
+    out = fv.output or os.path.dirname(os.path.abspath(fv.plot[0]))
     print("plot:", plots.plot_head_steps(curves, os.path.join(out, "head_steps.png")))
     return
-  if not _WORKDIR.value or not _DATA.value:
-    raise app.UsageError("--workdir and --data are required (or --plot)")
+  if not fv.workdir or not fv.data:
+    cli.fail("--workdir: --workdir and --data are required (or --plot)")
   import jax  # pylint: disable=import-outside-toplevel
 
   from calm_jax import loading  # pylint: disable=import-outside-toplevel
   from calm_jax.data import DataError  # pylint: disable=import-outside-toplevel
   try:
-    trained = loading.load_trained(_WORKDIR.value, _STEP.value)
-    curves = run_sweep(trained, _DATA.value, _SPLIT.value, [int(s) for s in _STEPS.value], _SOLVERS.value,
-                       jax.random.key(_SEED.value), _BATCH_SIZE.value, _NUM_BLOCKS.value)
+    trained = loading.load_trained(fv.workdir, fv.step)
+    curves = run_sweep(trained, fv.data, fv.split, [int(s) for s in fv.steps], fv.solvers,
+                       jax.random.key(fv.seed), fv.batch_size, fv.num_blocks)
   except (loading.LoadError, DataError, ValueError) as e:
-    sys.exit(f"error: {e}")
-  out = _OUTPUT.value or os.path.join(_WORKDIR.value, "eval")
+    cli.fail(e)
+  out = fv.output or os.path.join(fv.workdir, "eval")
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "head_steps.json"), "w") as f:
-    json.dump({"workdir": os.path.abspath(_WORKDIR.value), "data": _DATA.value, "seed": _SEED.value,
+    json.dump({"workdir": os.path.abspath(fv.workdir), "data": fv.data, "seed": fv.seed,
                "curves": curves}, f, indent=2)
   print("wrote", os.path.join(out, "head_steps.json"))
   print("plot:", plots.plot_head_steps(curves, os.path.join(out, "head_steps.png")))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()
