@@ -63,9 +63,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from calm_jax import interop, models  # noqa: E402
-from calm_jax.configs import AutoencoderConfig, EnergyConfig, LlamaConfig, TransformerConfig  # noqa: E402
-from calm_jax.training import optim, trainers  # noqa: E402
+from calm_jax import interop, models
+from calm_jax.configs import AutoencoderConfig, EnergyConfig, LlamaConfig, TransformerConfig
+from calm_jax.training import optim, trainers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REF_DIR = os.environ.get("CALM_REFERENCE_DIR", "/work/ref")
@@ -87,19 +87,22 @@ class Case:
   warmup: int = 10
 
 
+# Step counts are what a 2-core machine shared with others ran in minutes (the reference's
+# eager CPU steps are the slow side); the accumulation cases only need to show the split.
 CASES = {
     "ae_fp32_shared": Case("autoencoder", "float32", "shared", 300, 16, 32),
     "ae_fp32_independent": Case("autoencoder", "float32", "independent", 300, 16, 32),
-    "ae_fp32_accum4_shared": Case("autoencoder", "float32", "shared", 100, 16, 32, accum=4),
-    "ae_bf16_shared": Case("autoencoder", "bfloat16", "shared", 200, 16, 32),
+    "ae_fp32_accum4_shared": Case("autoencoder", "float32", "shared", 30, 16, 32, accum=4),
+    "ae_bf16_shared": Case("autoencoder", "bfloat16", "shared", 150, 16, 32),
     "ae_bf16_independent": Case("autoencoder", "bfloat16", "independent", 300, 16, 32),
     "calm_fp32_shared": Case("energy", "float32", "shared", 200, 4, 32),
     "calm_fp32_independent": Case("energy", "float32", "independent", 200, 4, 32),
-    "calm_fp32_accum2_shared": Case("energy", "float32", "shared", 100, 4, 32, accum=2),
+    "calm_fp32_accum2_shared": Case("energy", "float32", "shared", 30, 4, 32, accum=2),
+    "calm_bf16_shared": Case("energy", "bfloat16", "shared", 100, 4, 32),
     "calm_bf16_independent": Case("energy", "bfloat16", "independent", 200, 4, 32),
-    "tf_fp32": Case("transformer", "float32", "shared", 200, 8, 64),
-    "tf_fp32_accum4": Case("transformer", "float32", "shared", 100, 8, 64, accum=4),
-    "tf_bf16": Case("transformer", "bfloat16", "shared", 200, 8, 64),
+    "tf_fp32": Case("transformer", "float32", "shared", 100, 8, 64),
+    "tf_fp32_accum4": Case("transformer", "float32", "shared", 30, 8, 64, accum=4),
+    "tf_bf16": Case("transformer", "bfloat16", "shared", 100, 8, 64),
 }
 
 
@@ -163,10 +166,13 @@ def install_recorders() -> None:
 # ----------------------------------------------------------------------------- calm_jax side
 
 
-def run_calm_jax(case: Case, folder: str, batches: np.ndarray, draws_path: str | None, seed: int = 0):
-  """Initialises, exports to ``folder``, trains; returns (losses, learning rates, grad norms)."""
-  key = jax.random.key(seed)
+def run_calm_jax(case: Case, folder: str, batches: np.ndarray, draws_path: str | None, noise_seed: int = 0):
+  """Initialises (always from seed 0), exports to ``folder``, trains with the noise of ``noise_seed``;
+  returns (losses, learning rates, grad norms, decay-group sizes)."""
+  key = jax.random.key(0)
   k_ae, k_model, k_train = jax.random.split(key, 3)
+  if noise_seed:
+    k_train = jax.random.fold_in(k_train, noise_seed)
   ae_cfg, ae_params = None, None
   if case.kind == "autoencoder":
     cfg = ae_config(case.dtype)
@@ -225,6 +231,53 @@ def window_stats(a: np.ndarray, b: np.ndarray, window: int = WINDOW) -> list[dic
   return out
 
 
+def seed_window_stats(a_RxT: np.ndarray, b_RxT: np.ndarray, window: int = WINDOW) -> list[dict]:
+  """Independent noise, several noise seeds per side: per window, the difference of the seed-mean
+  window means and its standard error from the pooled between-seed spread (a two-sample t statistic).
+
+  Unlike the paired per-step differences of one pair of runs, this counts the trajectory-level
+  noise: two runs with different draws drift apart and stay apart for many steps, so their
+  per-step differences are not independent.
+  """
+  out = []
+  for s in range(0, a_RxT.shape[1] - window + 1, window):
+    a, b = a_RxT[:, s:s + window].mean(1), b_RxT[:, s:s + window].mean(1)
+    pooled = (np.sum((a - a.mean()) ** 2) + np.sum((b - b.mean()) ** 2)) / max(len(a) + len(b) - 2, 1)
+    se = float(np.sqrt(pooled * (1 / len(a) + 1 / len(b))))
+    diff = float(a.mean() - b.mean())
+    out.append({"steps": [s, s + window], "calm_jax": float(a.mean()), "reference": float(b.mean()),
+                "calm_jax_seed_sd": float(a.std(ddof=1)) if len(a) > 1 else None,
+                "reference_seed_sd": float(b.std(ddof=1)) if len(b) > 1 else None,
+                "diff": diff, "se": se, "z": diff / se if se > 0 else 0.0})
+  return out
+
+
+def run_seeds(name: str, case: Case, tmp: str, ours_seeds: int, ref_seeds: int) -> dict:
+  """Independent noise: calm_jax with noise seeds 0..ours_seeds-1, the reference with torch seeds
+  0..ref_seeds-1, all from the same weights on the same batches."""
+  d = os.path.join(tmp, name)
+  os.makedirs(d, exist_ok=True)
+  folder = os.path.join(d, "weights")
+  batches = make_batches(case)
+  np.save(os.path.join(d, "batches.npy"), batches)
+  ours = [run_calm_jax(case, folder, batches, None, seed)[0] for seed in range(ours_seeds)]
+  theirs = []
+  for seed in range(ref_seeds):
+    cmd = [REF_PY, os.path.join(HERE, "train_dynamics_reference.py"), "--kind", case.kind, "--folder", folder,
+           "--batches", os.path.join(d, "batches.npy"), "--dtype", case.dtype, "--accum", str(case.accum),
+           "--lr", str(case.lr), "--warmup", str(case.warmup), "--seed", str(seed),
+           "--out", os.path.join(d, f"ref{seed}.npz")]
+    env = dict(os.environ, CALM_REFERENCE_DIR=REF_DIR, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="2")
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if r.returncode != 0:
+      raise RuntimeError(f"{name}: reference driver failed:\n{r.stderr[-4000:]}")
+    theirs.append(np.load(os.path.join(d, f"ref{seed}.npz"))["losses"])
+  a, b = np.array(ours), np.array(theirs)
+  return {"case": dataclasses.asdict(case), "calm_jax_seeds": a.tolist(), "reference_seeds": b.tolist(),
+          "calm_jax": a.mean(0).tolist(), "reference": b.mean(0).tolist(),
+          "seed_windows": seed_window_stats(a, b), "paired_windows_seed0": window_stats(a[0], b[0])}
+
+
 def run_case(name: str, case: Case, tmp: str) -> dict:
   d = os.path.join(tmp, name)
   os.makedirs(d, exist_ok=True)
@@ -242,7 +295,7 @@ def run_case(name: str, case: Case, tmp: str) -> dict:
     cmd += ["--draws", draws]
   env = dict(os.environ, CALM_REFERENCE_DIR=REF_DIR, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="2")
   t0 = time.perf_counter()
-  r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+  r = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
   t_ref = time.perf_counter() - t0
   if r.returncode != 0:
     raise RuntimeError(f"{name}: reference driver failed:\n{r.stderr[-4000:]}")
@@ -274,7 +327,16 @@ def plot(results: dict, path: str) -> str:
     r = results[name]
     ax.plot(r["reference"], color="tab:orange", lw=1.6, label="reference (PyTorch)")
     ax.plot(r["calm_jax"], color="tab:blue", lw=0.8, ls="--", label="calm_jax")
-    ax.set_title(f"{name}\nmax |rel diff| {r['max_rel_diff']:.1e}", fontsize=8)
+    if "seed_windows" in r:
+      for curve in r["calm_jax_seeds"][1:]:
+        ax.plot(curve, color="tab:blue", lw=0.4, alpha=0.5)
+      for curve in r["reference_seeds"][1:]:
+        ax.plot(curve, color="tab:orange", lw=0.4, alpha=0.5)
+      zs = ", ".join(f"{w['z']:+.1f}" for w in r["seed_windows"])
+      ax.set_title(f"{name}: seed means\n{len(r['calm_jax_seeds'])} vs {len(r['reference_seeds'])} seeds; "
+                   f"window z {zs}", fontsize=7)
+    else:
+      ax.set_title(f"{name}\nmax |rel diff| {r['max_rel_diff']:.1e}", fontsize=8)
     ax.set_xlabel("step", fontsize=7)
     ax.set_ylabel("train loss", fontsize=7)
     ax.tick_params(labelsize=6)
@@ -288,44 +350,92 @@ def plot(results: dict, path: str) -> str:
   return path
 
 
+def report(results: dict) -> str:
+  """Markdown tables of a results JSON (for RESULTS_dynamics.md)."""
+  lines = [("| case | steps | B x T (accum) | max abs diff | max rel diff | median rel diff | steps with rel diff "
+            "<= 1e-6 | lr max rel diff | decay groups (ours = ref) |"), "|---|---:|---|---:|---:|---:|---:|---:|---|"]
+  for name, r in results.items():
+    if "max_rel_diff" not in r:
+      continue
+    c = r["case"]
+    a, b = np.array(r["calm_jax"]), np.array(r["reference"])
+    rel = np.abs(a - b) / np.abs(b)
+    lines.append(f"| {name} | {c['steps']} | {c['batch']} x {c['block']} ({c['accum']}) | {r['max_abs_diff']:.2e} | "
+                 f"{r['max_rel_diff']:.2e} | {np.median(rel):.1e} | {np.mean(rel <= 1e-6):.0%} | "
+                 f"{r['max_lr_rel_diff']:.1e} | {r['decay_groups_calm_jax']} "
+                 f"{'=' if r['decay_groups_calm_jax'] == r['decay_groups_reference'] else '!='} "
+                 f"{r['decay_groups_reference']} |")
+  lines += ["", "| case | seeds (ours, ref) | window | calm_jax | reference | diff | se | z | seed sd (ours, ref) |",
+            "|---|---|---|---:|---:|---:|---:|---:|---|"]
+  for name, r in results.items():
+    for w in r.get("seed_windows", []):
+      sd = f"{w['calm_jax_seed_sd']:.3f}, " + (f"{w['reference_seed_sd']:.3f}" if w["reference_seed_sd"] else "-")
+      lines.append(f"| {name} | {len(r['calm_jax_seeds'])}, {len(r['reference_seeds'])} | {w['steps'][0]}-"
+                   f"{w['steps'][1]} | {w['calm_jax']:.4f} | {w['reference']:.4f} | {w['diff']:+.4f} | "
+                   f"{w['se']:.4f} | {w['z']:+.1f} | {sd} |")
+  return "\n".join(lines)
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--cases", default=",".join(CASES))
   ap.add_argument("--quick", action="store_true", help="40 steps a case")
   ap.add_argument("--out", default=os.path.join(HERE, "RESULTS_dynamics.json"))
   ap.add_argument("--plot", default=os.path.join(HERE, "dynamics.png"))
+  ap.add_argument("--seeds", default="", help="OURS,REF: independent cases run this many noise seeds per side")
+  ap.add_argument("--merge", action="store_true", help="update the cases in an existing --out JSON")
+  ap.add_argument("--report", action="store_true", help="print markdown tables of --out and exit")
   args = ap.parse_args()
+  if args.report:
+    with open(args.out) as f:
+      print(report(json.load(f)["results"]))
+    return
   names = args.cases.split(",")
   unknown = [n for n in names if n not in CASES]
   if unknown:
     sys.exit(f"error: --cases: unknown {unknown}; known: {list(CASES)}")
   install_recorders()
   results = {}
+  if args.merge and os.path.isfile(args.out):
+    with open(args.out) as f:
+      results = json.load(f)["results"]
+  seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
   with tempfile.TemporaryDirectory(prefix="calm_dyn_") as tmp:
     for name in names:
       case = CASES[name]
       if args.quick:
         case = dataclasses.replace(case, steps=min(case.steps, 40))
+      if seeds and case.noise == "independent":
+        r = results[name] = run_seeds(name, case, tmp, *seeds)
+        zs = [round(w["z"], 1) for w in r["seed_windows"]]
+        print(f"{name:26s} seeds {seeds}: window z {zs}", flush=True)
+        _write(args.out, results)
+        continue
       r = run_case(name, case, tmp)
       results[name] = r
       zs = [w["z"] for w in r["windows"]]
       print(f"{name:26s} max|diff| {r['max_abs_diff']:.2e}  max rel {r['max_rel_diff']:.2e}  "
-            f"lr rel {r['max_lr_rel_diff']:.1e}  window z {['%+.1f' % z for z in zs]}  "
+            f"lr rel {r['max_lr_rel_diff']:.1e}  window z {[f'{z:+.1f}' for z in zs]}  "
             f"({r['seconds_calm_jax']:.0f} s + {r['seconds_reference']:.0f} s)", flush=True)
-  meta = {"machine": _machine(), "jax": jax.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-  with open(args.out, "w") as f:
+      _write(args.out, results)
+  print("wrote", _write(args.out, results, machine=True), plot(results, args.plot))
+
+
+def _write(path: str, results: dict, machine: bool = False) -> str:
+  """Writes after every case, so a long run that is stopped keeps what it measured."""
+  meta = {"jax": jax.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+  if machine:
+    meta["machine"] = _machine()
+  with open(path, "w") as f:
     json.dump({"meta": meta, "results": results}, f, indent=1)
     f.write("\n")
-  print("wrote", args.out, plot(results, args.plot))
+  return path
 
 
 def _machine() -> str:
-  try:
-    sys.path.insert(0, HERE)
-    import machine  # pylint: disable=import-outside-toplevel
-    return machine.describe() if hasattr(machine, "describe") else str(os.cpu_count()) + " CPUs"
-  except Exception:  # pylint: disable=broad-except
-    return f"{os.cpu_count()} CPUs"
+  sys.path.insert(0, HERE)
+  import machine  # pylint: disable=import-outside-toplevel
+  return f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end; {machine.describe()}"
 
 
 if __name__ == "__main__":

@@ -159,7 +159,7 @@ def main():
     lrs.append(sched.get_last_lr()[0])
     total = 0.0
     for i in range(args.accum):
-      mb = batches[step, i::args.accum]          # calm_jax's micro-batch i: rows i, i+m, ...
+      mb = batches[step, i::args.accum].contiguous()   # calm_jax's micro-batch i: rows i, i+m, ...
       with ctx():
         loss = model(input_ids=mb, labels=mb).loss
       (loss / args.accum).backward()
