@@ -380,15 +380,18 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--cases", default=",".join(CASES))
   ap.add_argument("--quick", action="store_true", help="40 steps a case")
+  ap.add_argument("--max_steps", type=int, default=0, help="cap every case at this many steps")
   ap.add_argument("--out", default=os.path.join(HERE, "RESULTS_dynamics.json"))
   ap.add_argument("--plot", default=os.path.join(HERE, "dynamics.png"))
   ap.add_argument("--seeds", default="", help="OURS,REF: independent cases run this many noise seeds per side")
   ap.add_argument("--merge", action="store_true", help="update the cases in an existing --out JSON")
-  ap.add_argument("--report", action="store_true", help="print markdown tables of --out and exit")
+  ap.add_argument("--report", action="store_true", help="print markdown tables of --out, redraw --plot, exit")
   args = ap.parse_args()
   if args.report:
     with open(args.out) as f:
-      print(report(json.load(f)["results"]))
+      results = json.load(f)["results"]
+    print(report(results))
+    print("wrote", plot(results, args.plot))
     return
   names = args.cases.split(",")
   unknown = [n for n in names if n not in CASES]
@@ -403,8 +406,9 @@ def main():
   with tempfile.TemporaryDirectory(prefix="calm_dyn_") as tmp:
     for name in names:
       case = CASES[name]
-      if args.quick:
-        case = dataclasses.replace(case, steps=min(case.steps, 40))
+      cap = 40 if args.quick else args.max_steps
+      if cap:
+        case = dataclasses.replace(case, steps=min(case.steps, cap))
       if seeds and case.noise == "independent":
         r = results[name] = run_seeds(name, case, tmp, *seeds)
         zs = [round(w["z"], 1) for w in r["seed_windows"]]
