@@ -65,6 +65,19 @@ def _continuations(workdir: str, prompts: list[str]) -> list[str]:
   return texts
 
 
+def _brier_line(name: str, r: dict) -> str:
+  """BrierLM with Brier-1..4 and their errors, the block length, and "at chance" when a Brier-n <= 0."""
+  se = lambda n: f" ± {100 * r[f'eval/brier{n}_se']:.2f}" if f"eval/brier{n}_se" in r else ""
+  cells = "  ".join(f"Brier-{n} {100 * r[f'eval/brier{n}']:.2f}{se(n)}" for n in range(1, 5))
+  block = f", blocks of {int(r['eval/block_length'])} tokens" if "eval/block_length" in r else ""
+  line = f"{name:12s} BrierLM {r['eval/brierlm']:.2f} ± {r['eval/brierlm_se']:.2f}  (x100: {cells}{block})"
+  if any(r[f"eval/brier{n}"] <= 0 for n in range(1, 5)):
+    ref = f"; the reference's formula, which clips only the product, gives {r['eval/brierlm_reference']:.2f}" \
+        if "eval/brierlm_reference" in r else ""
+    line += f"\n{'':12s} at chance: a Brier-n <= 0, so BrierLM is 0{ref}"
+  return line
+
+
 def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)   # orbax's INFO lines would bury the progress bars
@@ -98,11 +111,7 @@ def main(argv):
         f"(perplexity {tf['eval/perplexity']:.1f})")
   for name, r in (("CALM", calm), ("Transformer", tf)):
     if "eval/brierlm" in r:
-      cells = "  ".join(f"Brier-{n} {100 * r[f'eval/brier{n}']:.2f}" for n in range(1, 5))
-      print(f"{name:12s} BrierLM {r['eval/brierlm']:.2f} ± {r['eval/brierlm_se']:.2f}  ({cells})")
-      if any(r[f"eval/brier{n}"] < 0 for n in range(1, 5)):
-        print(f"{'':12s} (a negative Brier-n: the model is at chance level; as in the reference only the "
-              "product of the four is clipped at 0, so an even number of negatives gives BrierLM > 0)")
+      print(_brier_line(name, r))
   samples = {}
   for name in ("calm", "transformer"):
     print(f"{name} continuations (T={_TEMPERATURE.value:g}):")

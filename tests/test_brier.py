@@ -69,10 +69,69 @@ def test_hopeless_sampler_scores_at_most_zero():
   np.testing.assert_array_equal(np.asarray(never_right_always_collide), -1.0)
   acc = brier.BrierAccumulator()
   acc.update(never_right)
-  assert acc.result()["brierlm"] == 0.0
+  assert acc.result()["brierlm"] == 0.0 and acc.result()["at_chance"]
   assert float(brier.brierlm(np.array([0.5, 0.4, -0.1, 0.2]))) == 0.0
-  # As in the reference, only the product is clipped: four negative Brier-n give a positive score.
-  assert float(brier.brierlm(np.array([-1.0, -1.0, -1.0, -1.0]))) == pytest.approx(100.0)
+  # Four negative Brier-n: 0 and at chance; only the reference's formula (product clipped) gives 100.
+  assert float(brier.brierlm(np.array([-1.0, -1.0, -1.0, -1.0]))) == 0.0
+  assert float(brier.brierlm_reference(np.array([-1.0, -1.0, -1.0, -1.0]))) == pytest.approx(100.0)
+
+
+def _summaries(values_BxPx4, block_length=16):
+  """Every summary calm_jax prints or logs for one set of per-position Brier values:
+  the accumulator, evaluate.format_brier's table, training's eval metrics as the
+  quickstart prints them, and the frontier's reading of an eval JSON."""
+  from calm_jax.evaluation import evaluate, frontier  # pylint: disable=import-outside-toplevel
+  from launch import quickstart  # pylint: disable=import-outside-toplevel
+  acc = brier.BrierAccumulator()
+  acc.update(values_BxPx4)
+  result = dict(acc.result(), estimator="calm", block_length=block_length)
+  metrics = {f"eval/{k}": float(v) for k, v in result.items() if k != "estimator"}
+  return result, evaluate.format_brier(result), quickstart._brier_line("CALM", metrics), \
+      frontier.brier_fields(result)
+
+
+def test_always_wrong_self_consistent_sampler_scores_zero_everywhere():
+  """Two samples that always agree and are never right: Brier-n = -1 for every n.  The
+  reference's formula gives 100; every summary of ours gives 0 and says "at chance"."""
+  target = np.random.default_rng(fresh_seed()).integers(0, 50, (6, 5, 4))
+  wrong = jax.jit(lambda t: brier.two_sample_brier(t + 1, t + 1, t))(target)
+  result, table, line, fields = _summaries(wrong)
+  assert result["brierlm"] == 0.0 and result["at_chance"] and result["brierlm_se"] == 0.0
+  assert result["brierlm_reference"] == pytest.approx(100.0)
+  assert [result[f"brier{n}"] for n in range(1, 5)] == [-1.0] * 4
+  row = table.splitlines()[1]
+  assert "  0.000 ± 0.000" in row and "at chance" in row and "T=16" in row and "ref 100.000" in row
+  assert "BrierLM 0.00 ± 0.00" in line and "at chance" in line and "blocks of 16 tokens" in line
+  assert "Brier-1 -100.00 ± 0.00" in line
+  assert fields["value"] == 0.0 and fields["at_chance"] and fields["block_length"] == 16
+
+
+def test_always_right_sampler_scores_hundred_everywhere():
+  target = np.random.default_rng(fresh_seed()).integers(0, 50, (6, 5, 4))
+  right = jax.jit(lambda t: brier.two_sample_brier(t, t, t))(target)
+  result, table, line, fields = _summaries(right, block_length=20)
+  assert result["brierlm"] == pytest.approx(100.0) and not result["at_chance"]
+  assert result["brierlm_reference"] == pytest.approx(100.0)
+  row = table.splitlines()[1]
+  assert "100.000 ± 0.000" in row and "at chance" not in row and "T=20" in row
+  assert "BrierLM 100.00" in line and "at chance" not in line
+  assert fields["value"] == pytest.approx(100.0) and fields["at_chance"] is False
+
+
+def test_mixed_signs_score_zero_and_at_chance():
+  # Brier-1 and -2 positive, -3 and -4 negative: the product is positive (reference: > 0), ours 0.
+  rng = np.random.default_rng(fresh_seed())
+  values = np.broadcast_to(np.array([0.3, 0.1, -0.05, -0.02]), (8, 6, 4)) + rng.normal(0, 1e-3, (8, 6, 4))
+  result, table, line, fields = _summaries(values)
+  assert result["brier3"] < 0 and result["brier4"] < 0 and result["brier1"] > 0
+  assert result["brierlm"] == 0.0 and result["at_chance"]
+  assert result["brierlm_reference"] > 5.0
+  assert "at chance" in table.splitlines()[1] and "at chance" in line and fields["value"] == 0.0
+  for b in ([0.0, 0.5, 0.5, 0.5], [0.5, 0.5, 0.5, -1e-9], [-0.1, 0.2, 0.3, 0.4]):
+    assert float(brier.brierlm(np.array(b))) == 0.0 and bool(brier.at_chance(np.array(b))), b
+  # Inside jit, batched over a leading axis.
+  got = jax.jit(brier.brierlm)(jnp.array([[-1.0] * 4, [0.5, 0.4, 0.3, 0.2], [0.5, -0.4, 0.3, -0.2]]))
+  np.testing.assert_allclose(np.asarray(got), [0.0, 100 * (0.5 * 0.4 * 0.3 * 0.2) ** 0.25, 0.0], rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 import json
 import os
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from calm_jax.configs import AutoencoderConfig, EnergyConfig
@@ -11,7 +13,7 @@ from calm_jax.evaluation import frontier
 from experiments import frontier as sweep
 
 
-def _write_run(root, name, config, steps, brier=None, loss=None, eval_json=False):
+def _write_run(root, name, config, steps, brier=None, loss=None, eval_json=False, brier_n=None):
   d = os.path.join(root, name)
   os.makedirs(d, exist_ok=True)
   with open(os.path.join(d, "config.json"), "w") as f:
@@ -20,12 +22,14 @@ def _write_run(root, name, config, steps, brier=None, loss=None, eval_json=False
   if loss is not None:
     rows.append({"step": steps, "eval/loss": loss})
   if brier is not None and not eval_json:
-    rows.append({"step": steps, "eval/brierlm": brier})
+    rows.append({"step": steps, "eval/brierlm": brier,
+                 **({f"eval/brier{n + 1}": b for n, b in enumerate(brier_n)} if brier_n else {})})
   with open(os.path.join(d, "metrics.jsonl"), "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in rows)
   if brier is not None and eval_json:
     with open(os.path.join(d, "eval_brier.json"), "w") as f:
-      json.dump({"brierlm": brier, "brier1": 0.5}, f)
+      json.dump({"brierlm": brier, "brier1": 0.5,
+                 **({f"brier{n + 1}": b for n, b in enumerate(brier_n)} if brier_n else {})}, f)
   return d
 
 
@@ -96,3 +100,39 @@ def test_bad_workdir_names_the_file(tmp_path):
   d = _write_run(str(tmp_path), "tf", c, 20)
   with pytest.raises(frontier.FrontierError, match="no BrierLM"):
     frontier.load_run(d)
+
+
+def test_at_chance_runs_score_zero_and_are_drawn_as_such(tmp_path):
+  """Runs recorded with the reference's formula (four negative Brier-n -> 100, even number of
+  negatives -> > 0) read as 0 and at chance, from metrics.jsonl, an eval JSON and a runs JSON;
+  the plot labels them; a run that learned keeps its score."""
+  got = {x[0]: x[1] for x in sweep.get_sweep(str(tmp_path))}
+  collapsed = (-1.0, -1.0, -1.0, -1.0)              # reference formula: 100
+  mixed = (0.2, 0.05, -0.01, -0.02)                 # reference formula: > 0
+  learned = (0.4, 0.2, 0.1, 0.05)
+  dirs = [_write_run(str(tmp_path), "calm_collapsed", got["calm_tiny_k4"], 20, brier=100.0, brier_n=collapsed),
+          _write_run(str(tmp_path), "calm_mixed", got["calm_tiny_k2"], 20, brier=7.0, brier_n=mixed,
+                     eval_json=True),
+          _write_run(str(tmp_path), "tf_learned", got["transformer_tiny_w64"], 20, brier=99.0, brier_n=learned)]
+  runs = {r.name: r for r in frontier.load_runs(dirs)}
+  for name in ("calm_collapsed", "calm_mixed"):
+    assert runs[name].value == 0.0 and runs[name].at_chance, name
+  assert runs["calm_collapsed"].brierlm_reference == pytest.approx(100.0)
+  assert runs["tf_learned"].value == pytest.approx(100 * np.prod(learned) ** 0.25)   # recomputed, not 99
+  assert runs["tf_learned"].at_chance is False
+  table = frontier.format_runs(list(runs.values()))
+  assert table.count("at chance") == 2 and "brierlm=0.0000" in table
+  # The runs JSON round trip, and a hand-edited record that still carries the clipped-product score.
+  path = frontier.save_runs(list(runs.values()), str(tmp_path / "runs.json"))
+  again = {r.name: r for r in frontier.load_runs_json(path)}
+  assert again == runs
+  rec = json.loads(Path(path).read_text())
+  for d in rec:
+    d["value"], d["at_chance"] = 100.0, False
+  Path(path).write_text(json.dumps(rec))
+  assert {r.name: (r.value, r.at_chance) for r in frontier.load_runs_json(path)}["calm_collapsed"] == (0.0, True)
+  svg = Path(frontier.plot(list(runs.values()), str(tmp_path / "chance"))[1]).read_text()
+  assert "at chance: a Brier-n" in svg and "calm_collapsed (at chance)" in svg and "tf_learned (at chance)" not in svg
+  with pytest.raises(frontier.FrontierError, match="unknown fields"):
+    Path(path).write_text(json.dumps([{"bogus": 1}]))
+    frontier.load_runs_json(path)

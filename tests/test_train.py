@@ -64,6 +64,9 @@ def test_energy_loss_decreases_on_frozen_autoencoder(ae_workdir, tmp_path):
   assert "eval/energy_loss" in out
   assert 0.0 <= out["eval/brierlm"] <= 100.0 and out["eval/brierlm_se"] >= 0.0
   assert all(-1.0 <= out[f"eval/brier{n}"] <= 1.0 for n in range(1, 5))
+  at_chance = any(out[f"eval/brier{n}"] <= 0 for n in range(1, 5))
+  assert out["eval/block_length"] == 128 and out["eval/at_chance"] == at_chance
+  assert out["eval/brierlm"] == 0.0 or not at_chance
   # Throughput rows: every logged step after the first has tokens/s and an MFU in (0, 1).
   perf = [r for r in train.read_metrics(str(tmp_path)) if "perf/mfu" in r]
   assert len(perf) == 7

@@ -2,7 +2,8 @@
 
 Brier(P, y) = 2 P(y) - sum_x P(x)^2 is strictly proper, and two model samples
 x1, x2 ~ P give the unbiased estimate 1{x1=y} + 1{x2=y} - 1{x1=x2}.  Brier-n
-treats the next n tokens as one outcome; BrierLM = 100 * (B1 B2 B3 B4)^(1/4).
+treats the next n tokens as one outcome; BrierLM = 100 * (B1 B2 B3 B4)^(1/4),
+reported as 0 ("at chance") when any Brier-n <= 0.
 
 Every estimator here returns *per-position* values `brier_...x4` (last axis =
 n - 1 for n = 1..4), so callers can average, mask and compute error bars.  The
@@ -21,8 +22,9 @@ What is here, by model family:
                     train_ar.py form: exact accuracy 2 prod P(y_j | y_<j) and
                     collision 1{first n-1 sampled tokens agreed} * sum_x P(x|prefix)^2)
                     fed by `ar_accuracy_terms` and `ar_rollout`.
-  Aggregation       `brierlm`, and `BrierAccumulator` (means and jackknife errors
-                    over rows, i.e. eval blocks).
+  Aggregation       `brierlm` (0 when any Brier-n <= 0, `at_chance`), the
+                    reference's `brierlm_reference` (product clipped), and
+                    `BrierAccumulator` (means and jackknife errors over rows, i.e. eval blocks).
 
 Dimension legend: B batch rows, S chunk (or token) positions, K chunk size,
 P start positions evaluated, L teacher-forced predictions per row, V vocabulary.
@@ -266,15 +268,40 @@ def ar_rollout(step_fn: ArStepFn, key: jax.Array, first_logits_BxV: jax.Array,
 # ---------------------------------------------------------------------------
 
 
-def brierlm(brier_n_means) -> Any:
-  """100 * max(B1 B2 B3 B4, 0)^(1/4) from the four Brier-n means (last axis).
+def at_chance(brier_n_means) -> Any:
+  """True where some Brier-n mean (last axis, n = 1..4) is <= 0: the model is no better than chance.
 
-  As in the reference, only the product is clipped: an even number of negative
-  Brier-n means gives a positive score (irrelevant for real models, whose
-  Brier-1 is well above 0, but a sampler that is never right yet always
-  collides scores Brier-n = -1 and BrierLM = 100).
+  Brier-n > 0 means the model puts more mass on the true n-gram than a sampler whose
+  two draws agree with each other by chance; at <= 0 the geometric mean of the four is
+  undefined (or meaningless), so :func:`brierlm` reports 0 there.
+  """
+  xp = jnp if isinstance(brier_n_means, jax.Array) else np
+  return xp.any(xp.asarray(brier_n_means)[..., :MAX_N] <= 0, axis=-1)
+
+
+def brierlm(brier_n_means) -> Any:
+  """BrierLM = 100 * (B1 B2 B3 B4)^(1/4) from the four Brier-n means (last axis); 0 if any B_n <= 0.
+
+  This is the headline number everywhere calm_jax reports BrierLM.  Unlike the
+  reference (:func:`brierlm_reference`, which clips only the product), a sampler that
+  is never right but always agrees with itself (every Brier-n = -1) scores 0, not 100.
+  Both definitions agree whenever every Brier-n is positive, i.e. for every model that
+  has learned something, so comparisons with the paper's numbers are unaffected.
   """
   # numpy in, numpy out (host-side reporting); jax in, jax out (inside jit).
+  xp = jnp if isinstance(brier_n_means, jax.Array) else np
+  b = xp.asarray(brier_n_means)[..., :MAX_N]
+  ok = ~at_chance(b)
+  prod = xp.prod(xp.where(ok[..., None], b, 1.0), axis=-1)
+  return xp.where(ok, 100.0 * prod ** 0.25, 0.0)
+
+
+def brierlm_reference(brier_n_means) -> Any:
+  """The reference's formula, 100 * max(B1 B2 B3 B4, 0)^(1/4), for comparison with the authors' numbers.
+
+  Only the product is clipped, so an even number of negative Brier-n gives a positive
+  score (a never-right, always-colliding sampler scores 100).  Report :func:`brierlm`.
+  """
   xp = jnp if isinstance(brier_n_means, jax.Array) else np
   b = xp.asarray(brier_n_means)
   return 100.0 * xp.maximum(xp.prod(b[..., :MAX_N], axis=-1), 0.0) ** 0.25
@@ -312,8 +339,13 @@ class BrierAccumulator:
     self._sums.append(np.asarray(sums_Bx4, np.float64)[:, :MAX_N])
     self._counts.append(np.asarray(counts_B, np.float64))
 
-  def result(self) -> dict[str, float]:
-    """brier1..4, brierlm, their `_se`, num_rows and num_positions."""
+  def result(self) -> dict[str, Any]:
+    """brier1..4, brierlm, brierlm_reference, their `_se`, at_chance, num_rows and num_positions.
+
+    ``brierlm`` is 0 and ``at_chance`` True when any Brier-n mean is <= 0; its
+    jackknife error is that of the clipped statistic (0 when every leave-one-out
+    estimate is at chance too).
+    """
     if not self._sums:
       raise ValueError("BrierAccumulator.result() called before any update().")
     sums_Rx4 = np.concatenate(self._sums)
@@ -322,19 +354,23 @@ class BrierAccumulator:
     sums_Rx4, counts_R = sums_Rx4[keep], counts_R[keep]
     total_4, count = sums_Rx4.sum(0), counts_R.sum()
     means_4 = total_4 / count
-    out = {f"brier{n + 1}": float(means_4[n]) for n in range(MAX_N)}
+    out: dict[str, Any] = {f"brier{n + 1}": float(means_4[n]) for n in range(MAX_N)}
     out["brierlm"] = float(brierlm(means_4))
+    out["brierlm_reference"] = float(brierlm_reference(means_4))
+    out["at_chance"] = bool(at_chance(means_4))
     rows = len(counts_R)
     if rows > 1:
       loo_Rx4 = (total_4[None] - sums_Rx4) / (count - counts_R)[:, None]
-      stats_RxM = np.concatenate([loo_Rx4, brierlm(loo_Rx4)[:, None]], axis=1)
+      stats_RxM = np.concatenate([loo_Rx4, brierlm(loo_Rx4)[:, None], brierlm_reference(loo_Rx4)[:, None]],
+                                 axis=1)
       dev = stats_RxM - stats_RxM.mean(0)
       se_M = np.sqrt((rows - 1) / rows * np.sum(dev * dev, axis=0))
     else:
-      se_M = np.full(MAX_N + 1, np.nan)
+      se_M = np.full(MAX_N + 2, np.nan)
     for n in range(MAX_N):
       out[f"brier{n + 1}_se"] = float(se_M[n])
     out["brierlm_se"] = float(se_M[MAX_N])
+    out["brierlm_reference_se"] = float(se_M[MAX_N + 1])
     out["num_rows"] = rows
     out["num_positions"] = int(count)
     return out

@@ -339,8 +339,9 @@ def evaluate_brier(kind: str, cfg, params, batches: Iterable[dict], key: jax.Arr
   sharded by the rules table.  Single-process batches are padded with masked
   rows to a multiple of data x fsdp.
 
-  Returns ``brier1..4``, ``brierlm``, their ``_se`` (jackknife over blocks; see
-  ``brier.BrierAccumulator``), ``num_rows``, ``num_positions``, ``block_length``;
+  Returns ``brier1..4``, ``brierlm`` (0 when ``at_chance``, i.e. some Brier-n <= 0),
+  ``brierlm_reference`` (the reference's formula), their ``_se`` (jackknife over blocks;
+  see ``brier.BrierAccumulator``), ``at_chance``, ``num_rows``, ``num_positions``, ``block_length``;
   for the baseline with estimator 'both' the 'lowvar' numbers at the top level
   and the 'plain' ones under ``"plain"``.
   """
@@ -388,19 +389,32 @@ def evaluate_brier(kind: str, cfg, params, batches: Iterable[dict], key: jax.Arr
   result = dict(accs[names[0]].result(), estimator=names[0] if kind == "transformer" else "calm",
                 block_length=block_length)
   for name in names[1:]:
-    result[name] = accs[name].result()
+    result[name] = dict(accs[name].result(), block_length=block_length)
   return result
 
 
 def format_brier(result: dict[str, Any]) -> str:
-  """A small table: Brier-1..4 and BrierLM (x100) with standard errors."""
+  """A small table: Brier-1..4 (x100) and BrierLM with standard errors, one line per estimator.
+
+  Each line ends with the block length (BrierLM moves with it) and, when some
+  Brier-n <= 0, "at chance" (BrierLM is then 0; the reference's formula, which
+  clips only the product, is shown beside it as ``ref``).
+  """
+  block = result.get("block_length")
+
   def rows(r, label):
     cells = [f"{100 * r[f'brier{n}']:7.3f} ± {100 * r[f'brier{n}_se']:.3f}" for n in range(1, 5)]
-    return f"{label:8s} " + "  ".join(cells) + f"  | {r['brierlm']:7.3f} ± {r['brierlm_se']:.3f}"
-  head = f"{'':8s} " + "  ".join(f"{'Brier-' + str(n) + ' (x100)':>17s}" for n in range(1, 5)) + "  | BrierLM"
+    lm = f"{r['brierlm']:7.3f} ± {r['brierlm_se']:.3f}"
+    ref = r.get("brierlm_reference")
+    tail = f"  ref {ref:7.3f}" if ref is not None else ""
+    chance = r.get("at_chance", any(r[f"brier{n}"] <= 0 for n in range(1, 5)))
+    return (f"{label:8s} " + "  ".join(cells) + f"  | {lm}{tail}  | T={r.get('block_length', block)}"
+            + ("  at chance (a Brier-n <= 0)" if chance else ""))
+  head = (f"{'':8s} " + "  ".join(f"{'Brier-' + str(n) + ' (x100)':>17s}" for n in range(1, 5))
+          + "  | BrierLM          ref (reference formula)")
   lines = [head, rows(result, result.get("estimator", ""))]
   lines += [rows(v, k) for k, v in result.items() if isinstance(v, dict) and "brier1" in v]
-  lines.append(f"({result['num_rows']} blocks of {result['block_length']} tokens, "
+  lines.append(f"({result['num_rows']} blocks of {block} tokens, "
                f"{result['num_positions']} positions)")
   return "\n".join(lines)
 

@@ -542,8 +542,12 @@ def evaluate_brierlm(exp: Experiment, params, ae_params, key, mesh=None) -> dict
                                   ae_params=ae_params, num_batches=-(-exp.eval.num_blocks // per_batch),
                                   progress=False, mesh=mesh)
   out = {f"eval/brier{n}": float(r[f"brier{n}"]) for n in range(1, 5)}
-  out["eval/brierlm"] = float(r["brierlm"])
+  out.update({f"eval/brier{n}_se": float(r[f"brier{n}_se"]) for n in range(1, 5)})
+  out["eval/brierlm"] = float(r["brierlm"])           # 0 when some Brier-n <= 0 (eval/at_chance = 1)
   out["eval/brierlm_se"] = float(r["brierlm_se"])
+  out["eval/brierlm_reference"] = float(r["brierlm_reference"])   # the reference's formula, for comparison
+  out["eval/at_chance"] = float(r["at_chance"])
+  out["eval/block_length"] = float(r["block_length"])
   return out
 
 
