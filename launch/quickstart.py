@@ -19,19 +19,25 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import sys
 import time
 
-from absl import app, flags
-from absl import logging as absl_logging
+from absl import flags
 
 from calm_jax import hostmem  # stdlib-only; before anything starts threads
+from launch import cli
 
-_ROOT = flags.DEFINE_string("root", "runs/quickstart", "Parent directory of the three workdirs.")
-_PROMPTS = flags.DEFINE_multi_string(
-    "prompt", ["The following example shows how to", "This module provides", "If the file does not exist,"],
-    "Prompts for the sample continuations (repeatable).")
-_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 32, "Tokens per sampled continuation.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature (CALM: 1/n, batch method).")
+
+def _define(fv: flags.FlagValues) -> None:
+  d = {"flag_values": fv}
+  flags.DEFINE_string("root", "runs/quickstart", "Parent directory of the three workdirs.", **d)
+  flags.DEFINE_multi_string(
+      "prompt", ["The following example shows how to", "This module provides", "If the file does not exist,"],
+      "Prompts for the sample continuations (repeatable).", **d)
+  flags.DEFINE_integer("max_new_tokens", 32, "Tokens per sampled continuation.", **d)
+  flags.DEFINE_float("temperature", 0.5, "Sampling temperature of the continuations (CALM: 1/n, batch "
+                     "method).", **d)
 
 
 def _autoencoder_table(workdir: str, data_dir: str) -> dict:
@@ -50,18 +56,19 @@ def _autoencoder_table(workdir: str, data_dir: str) -> dict:
   return result
 
 
-def _continuations(workdir: str, prompts: list[str]) -> list[str]:
+def _continuations(workdir: str, prompts: list[str], max_new_tokens: int, temperature: float) -> list[str]:
   import jax  # pylint: disable=import-outside-toplevel
 
   from calm_jax import loading  # pylint: disable=import-outside-toplevel
   from calm_jax.generation import generate  # pylint: disable=import-outside-toplevel
 
   trained = loading.load_trained(workdir)
-  settings = generate.GenerationSettings(max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value)
+  settings = generate.GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature)
   texts, gen = generate.generate_text(trained, prompts, jax.random.key(0), settings)
   for prompt, text in zip(prompts, texts):
     print(f"  {prompt!r} -> {text!r}")
-  print(f"  ({gen.num_tokens} tokens in {gen.seconds:.2f} s after {gen.compile_seconds:.1f} s of compilation)")
+  print(f"  ({gen.num_tokens} tokens in {gen.seconds:.2f} s after {gen.compile_seconds:.1f} s of "
+        "compilation)")
   return texts
 
 
@@ -72,19 +79,38 @@ def _brier_line(name: str, r: dict) -> str:
   block = f", blocks of {int(r['eval/block_length'])} tokens" if "eval/block_length" in r else ""
   line = f"{name:12s} BrierLM {r['eval/brierlm']:.2f} ± {r['eval/brierlm_se']:.2f}  (x100: {cells}{block})"
   if any(r[f"eval/brier{n}"] <= 0 for n in range(1, 5)):
-    ref = f"; the reference's formula, which clips only the product, gives {r['eval/brierlm_reference']:.2f}" \
-        if "eval/brierlm_reference" in r else ""
+    ref = (f"; the reference's formula, which clips only the product, gives "
+           f"{r['eval/brierlm_reference']:.2f}" if "eval/brierlm_reference" in r else "")
     line += f"\n{'':12s} at chance: a Brier-n <= 0, so BrierLM is 0{ref}"
+  if r["eval/brier1"] > 0 and r.get("eval/brier1_se", 0) > 0:
+    line += (f"\n{'':12s} Brier-1 is {r['eval/brier1'] / r['eval/brier1_se']:.1f} standard errors above 0 "
+             "(chance is 0): next-chunk predictions better than chance")
   return line
 
 
-def main(argv):
-  del argv
-  absl_logging.set_verbosity(absl_logging.WARNING)   # orbax's INFO lines would bury the progress bars
+def main(argv=None):
+  """``python -m launch.quickstart``; exit statuses as ``launch.train`` (launch/cli.py)."""
+  argv = list(sys.argv if argv is None else argv)
+  fv = cli.parse(_define, argv, __doc__, "launch.quickstart")
+  from calm_jax.data import DataError  # pylint: disable=import-outside-toplevel
+  from calm_jax.training import checkpoint, metrics, train  # pylint: disable=import-outside-toplevel
+
+  with cli.errors(train.ConfigError, DataError, checkpoint.CheckpointError, OSError):
+    try:
+      _quickstart(fv)
+    except metrics.NonFiniteError as e:
+      cli.fail(e, cli.EXIT_NONFINITE)
+    except train.Preempted as e:
+      again = " ".join(shlex.quote(a) for a in ["python", "-m", "launch.quickstart", *argv[1:]])
+      print(f"{e}; resume with: {again}", file=sys.stderr, flush=True)
+      raise SystemExit(cli.EXIT_PREEMPTED) from None
+
+
+def _quickstart(fv) -> None:
   from calm_jax.training import train  # pylint: disable=import-outside-toplevel
   from experiments import registry  # pylint: disable=import-outside-toplevel
 
-  root = os.path.abspath(_ROOT.value)
+  root = os.path.abspath(fv.root)
   dirs = {k: os.path.join(root, k) for k in ("autoencoder", "calm", "transformer")}
   t0 = time.perf_counter()
   results = {}
@@ -114,11 +140,11 @@ def main(argv):
       print(_brier_line(name, r))
   samples = {}
   for name in ("calm", "transformer"):
-    print(f"{name} continuations (T={_TEMPERATURE.value:g}):")
-    samples[name] = _continuations(dirs[name], list(_PROMPTS.value))
+    print(f"{name} continuations (T={fv.temperature:g}):")
+    samples[name] = _continuations(dirs[name], list(fv.prompt), fv.max_new_tokens, fv.temperature)
   total = time.perf_counter() - t0
   summary = {"seconds": total, **stamps, "autoencoder": ae, "autoencoder_noise_table": ae_table, "calm": calm,
-             "transformer": tf, "prompts": list(_PROMPTS.value), "samples": samples}
+             "transformer": tf, "prompts": list(fv.prompt), "samples": samples}
   with open(os.path.join(root, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1, default=float)
   print(f"quickstart done in {total:.0f} s; workdirs and summary.json under {root}")
@@ -128,4 +154,4 @@ def main(argv):
 
 if __name__ == "__main__":
   hostmem.reexec_with_tuned_malloc()
-  app.run(main)
+  main()
