@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from calm_jax.configs import EnergyConfig, dtype_of
 from calm_jax.models import layers
 from calm_jax.models.backbone import Cache, LlamaModel
+from calm_jax.parallel import sharding
 
 
 def _kw(cfg: EnergyConfig):
@@ -126,7 +127,9 @@ class EnergyModel(nn.Module):
     b, t = tokens_BxT.shape
     k = self.cfg.patch_size
     e = self.transformer.embed(tokens_BxT).reshape(b, t // k, k * self.cfg.backbone.hidden_size)
-    return self.embed_proj_3(self.embed_proj_2(nn.silu(self.embed_proj_0(e))))
+    e = sharding.constrain(e, ("batch", "length", "patch"))
+    return sharding.constrain(self.embed_proj_3(self.embed_proj_2(nn.silu(self.embed_proj_0(e)))),
+                              ("batch", "length", "act_embed"))
 
   def hidden(self, tokens_BxT, positions_BxS=None, cache: Cache | None = None, valid_BxS=None):
     return self.transformer(self.compress(tokens_BxT), positions_BxS, cache, valid_BxS)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from calm_jax.configs import TransformerConfig, dtype_of
 from calm_jax.models import layers
 from calm_jax.models.backbone import Cache, LlamaModel
+from calm_jax.parallel import sharding
 
 
 class TransformerLM(nn.Module):
@@ -25,4 +26,5 @@ class TransformerLM(nn.Module):
 
   def __call__(self, tokens_BxT, positions_BxT=None, cache: Cache | None = None, valid_BxT=None):
     h, cache = self.model(self.model.embed(tokens_BxT), positions_BxT, cache, valid_BxT)
-    return self.lm_head(h).astype(jnp.float32), cache
+    logits = sharding.constrain(self.lm_head(h), ("batch", "length", "act_vocab"))
+    return logits.astype(jnp.float32), cache
