@@ -149,6 +149,8 @@ def have_libtpu() -> bool:
 def tpu_topology(topology: str):
   """The devices of a TPU slice (``'v5p:2x4x4'``), described by libtpu with no TPU present."""
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")   # no metadata server to ask either
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")     # compiling only: no chip to share
   if not have_libtpu():
     raise RuntimeError("TPU topologies need libtpu: pip install -e '.[tpu]'")
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
@@ -168,7 +170,8 @@ def abstract_inputs(exp, mesh, rules, state_shardings):
   state = sharding.abstract_state(tx, models.abstract_params(exp.model), state_shardings)
   batch = {"tokens": jax.ShapeDtypeStruct((exp.train.global_batch_size, exp.data.block_length), jnp.int32,
                                           sharding=sharding.batch_sharding(mesh))}
-  key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
+  key_dtype = jax.eval_shape(lambda: jax.random.key(0)).dtype   # nothing runs (a topology mesh cannot)
+  key = jax.ShapeDtypeStruct((), key_dtype, sharding=sharding.replicated(mesh))
   ae = None
   if exp.kind == "energy":
     ae_sh = sharding.param_shardings(exp.ae_model, mesh, rules)
@@ -261,9 +264,14 @@ def cpu_mesh(mesh_shape, num_devices: int | None = None):
 
 
 def experiment(name_or_config, *, global_batch: int | None = None, grad_accum: int | None = None,
-               remat: str | None = None, mesh: dict | None = None, seq_len: int | None = None):
+               remat: str | None = None, mesh: dict | None = None, seq_len: int | None = None,
+               dtype: str | None = None, param_dtype: str | None = None):
   """A resolved Experiment from a registry name (``'transformer_s'``), a ``file.py:arg`` spec or a
-  config, with the workload overridden (paths are not checked: nothing is read)."""
+  config, with the workload overridden (paths are not checked: nothing is read).
+
+  ``dtype`` / ``param_dtype``: the compute and parameter dtypes of the model (its backbone's for
+  CALM and the baseline); ``remat``: the backbone's remat policy (the autoencoder has none).
+  """
   from calm_jax.training import train  # pylint: disable=import-outside-toplevel
 
   config = name_or_config
@@ -280,6 +288,11 @@ def experiment(name_or_config, *, global_batch: int | None = None, grad_accum: i
     d["data"]["block_length"] = int(seq_len)
   if remat is not None and d["kind"] != "autoencoder":
     d["model"]["backbone"]["remat_policy"] = remat
+  model = d["model"] if d["kind"] == "autoencoder" else d["model"]["backbone"]
+  if dtype is not None:
+    model["dtype"] = dtype
+  if param_dtype is not None:
+    model["param_dtype"] = param_dtype
   if mesh is not None:
     d["mesh"] = dict(mesh)
   return train.resolve(d, check_paths=False)
@@ -308,6 +321,43 @@ def _load_config(spec: str):
     raise KeyError(f"--experiment {spec!r}: not a registry name nor experiments/<file>.py[:arg] "
                    f"(known names: {', '.join(registry.EXPERIMENTS)})") from None
   return module.get_config(arg or None)
+
+
+def _jaxpr_matmul_flops(jaxpr) -> float:
+  """2·M·N·K over the dot_generals of a jaxpr, scans times their length, shard_map bodies times
+  their manual shards (global FLOPs; XLA's ``cost_analysis`` counts a loop body once)."""
+  from calm_jax.cost import xla_cost  # pylint: disable=import-outside-toplevel
+
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+      k = math.prod(eqn.invars[0].aval.shape[d] for d in lhs_contract)
+      total += 2.0 * k * math.prod(eqn.outvars[0].aval.shape)
+      continue
+    subs = list(xla_cost._sub_jaxprs(eqn))  # pylint: disable=protected-access
+    if eqn.primitive.name == "cond":
+      total += max((_jaxpr_matmul_flops(j) for j in subs), default=0.0)
+      continue
+    times = eqn.params.get("length", 1)
+    if eqn.primitive.name == "shard_map":
+      mesh = eqn.params["mesh"]
+      manual = eqn.params.get("newly_manual_axes", eqn.params.get("manual_axes", ()))
+      times *= math.prod(mesh.shape[a] for a in manual)
+    total += times * sum(_jaxpr_matmul_flops(j) for j in subs)
+  return total
+
+
+def step_matmul_flops(exp, mesh, rules=None) -> float:
+  """The matmul FLOPs one train step executes, over all devices: remat's recomputation and every
+  micro-batch included (the traced program, loops unrolled in the count)."""
+  from calm_jax.training import train  # pylint: disable=import-outside-toplevel
+
+  rules = sharding.rules_from_config(exp.sharding_rules) if rules is None else rules
+  step_jit, state_sh = train.jit_train_step(exp, mesh, rules)
+  with jax.set_mesh(mesh):
+    jaxpr = step_jit.trace(*abstract_inputs(exp, mesh, rules, state_sh)).jaxpr
+  return _jaxpr_matmul_flops(jaxpr.jaxpr)
 
 
 def model_flops_per_step(exp) -> float:
