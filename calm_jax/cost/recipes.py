@@ -71,11 +71,18 @@ def load_cache(path: str = CACHE) -> dict[str, Any]:
 
 
 def save_cache(cache: dict[str, Any], path: str = CACHE) -> None:
+  """Merge ``cache`` into the file (under a lock: several searches may run side by side) and write it."""
+  import fcntl  # pylint: disable=import-outside-toplevel
+
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(cache, f, indent=1, sort_keys=True)
-  os.replace(tmp, path)
+  with open(path + ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    merged = {**load_cache(path), **cache}
+    cache.update(merged)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(merged, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
 
 
 def evaluate(setting: Setting, cache: dict[str, Any] | None = None, *, force: bool = False) -> dict[str, Any]:
