@@ -23,7 +23,8 @@ device:
                activations (logits, the energy head's samples) and, under remat,
                one layer's full activations being recomputed;
   backward     the gradients in flight during the backward pass: one layer's
-               full activations plus the non-layer activations, once more;
+               full activations plus (not on TPU, whose compiler reuses their
+               buffers) the non-layer activations, once more;
   AE encode    (CALM) the frozen encoder's forward over every target token,
                ``b*(2D + 3F/t)`` per token: transient, but counted (XLA may
                schedule it while the saved activations are live).
@@ -52,6 +53,12 @@ compression ``b*(K*D + 5D)``, its head ``N*b*(D*(6 + 12*blocks) + L)`` for the
 N samples, the energy score's fp32 pair matrices ``12*(N*N + N*M)`` and the M
 posterior samples ``4*M*L``; the autoencoder's ``(layers/2)*(1 + 1/K)`` MLP
 layers of ``b*(3D + 4F/t)`` per token and its logits ``V/t*(b + 8)`` per token.
+
+For TPU slices the plan is checked against the real step compiled for the
+slice with libtpu (:mod:`calm_jax.parallel.aot`, ``launch.memory_plan
+--topology``; the recorded compiles of the paper's experiments are in
+``benchmarks/RESULTS_aot_tpu.json`` and tested by
+``tests/test_sharding_cost.py::test_plan_agrees_with_recorded_tpu_compiles``).
 
 Everything is an estimate of what XLA keeps live at the peak; a compiled
 step's ``memory_analysis()`` (:func:`compiled_memory`, possible for small
@@ -285,8 +292,12 @@ def plan(kind: str, cfg, target: Target, workload: Workload, ae_cfg: Autoencoder
     rows["non-layer"] = extra * pos_dev
     # The backward pass's working set: the gradients of one layer's activations and of the
     # non-layer activations are live next to everything saved.
-    rows["backward"] = (layer_activation_bytes(bb, "none", positions, tensor, b, target.platform) + extra) * pos_dev
-    notes["backward"] = "gradients in flight: one layer + the non-layer activations"
+    # On TPU the non-layer activations' gradients take their buffers (XLA:TPU's scheduler; measured on
+    # the paper's steps compiled for v5p, docs/SHARDING.md): only one layer's are in flight beside them.
+    tpu = target.platform == "tpu"
+    rows["backward"] = (layer_activation_bytes(bb, "none", positions, tensor, b, target.platform)
+                        + (0.0 if tpu else extra)) * pos_dev
+    notes["backward"] = "gradients in flight: one layer" + ("" if tpu else " + the non-layer activations")
     if isinstance(cfg, EnergyConfig):
       # The frozen encoder's forward over every target token: transient, but XLA may schedule it
       # while the backbone's saved activations are live (on CPU it does), so it is counted.
