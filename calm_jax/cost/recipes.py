@@ -177,14 +177,15 @@ def _default_remat(name: str) -> str:
 
 
 def find_recipe(name: str, topology: str = RECIPE_TOPOLOGY, cache: dict[str, Any] | None = None,
-                log=print, headroom: float = 0.85) -> dict[str, Any] | None:
+                log=print, headroom: float = 0.85, from_one_row: bool = False) -> dict[str, Any] | None:
   """The smallest gradient accumulation (FSDP over the slice; the config's remat, then 'full') whose
   step the compiler says fits; ``None`` if none does.
 
-  Compiles are expensive, so the search is guided by the compiler itself: first the step with one
-  row per chip per micro-batch (the most accumulation); its temporaries, scaled by the rows, predict
-  the largest micro-batch that leaves ``headroom`` of HBM; that one is compiled, and smaller ones
-  after it until one fits.
+  Compiles are expensive (minutes each), so the search starts at the plan's smallest fitting
+  accumulation and adds accumulation while the compiler says the step does not fit.  With
+  ``from_one_row`` it is guided by the compiler instead: first the step with one row per chip per
+  micro-batch (the most accumulation); its temporaries, scaled by the rows, predict the largest
+  micro-batch that leaves ``headroom`` of HBM; that one is compiled, and smaller ones after it.
   """
   from calm_jax.parallel import aot  # pylint: disable=import-outside-toplevel
 
@@ -207,6 +208,15 @@ def find_recipe(name: str, topology: str = RECIPE_TOPOLOGY, cache: dict[str, Any
     return rec
 
   for remat in dict.fromkeys(remats):
+    if not from_one_row:
+      # The plan's smallest fitting accumulation first (one compile when the plan is right), then
+      # more accumulation while the compiler says no.
+      start = _plan_rows(name, topology, mesh, remat, rows_options)
+      for rows in sorted((r for r in rows_options if r <= start), reverse=True):
+        rec = run(rows, remat)
+        if rec["compiled"]["fits"]:
+          return rec
+      continue
     one = run(1, remat)
     if not one["compiled"]["fits"]:
       continue
@@ -221,6 +231,18 @@ def find_recipe(name: str, topology: str = RECIPE_TOPOLOGY, cache: dict[str, Any
         return rec
     return one
   return None
+
+
+def _plan_rows(name: str, topology: str, mesh, remat: str, rows_options: list[int]) -> int:
+  """The most rows per chip per micro-batch the analytic plan says fit (at least 1)."""
+  from calm_jax.parallel import aot  # pylint: disable=import-outside-toplevel
+
+  per_chip = rows_options[-1]
+  for rows in sorted(rows_options, reverse=True):
+    exp = aot.experiment(name, grad_accum=per_chip // rows, remat=remat)
+    if plan_for(exp, topology, mesh).fits:
+      return rows
+  return 1
 
 
 # --------------------------------------------------------------------------- docs
