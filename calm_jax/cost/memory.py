@@ -52,7 +52,8 @@ Non-layer activations per position: the transformer's logits ``V/t*(b + 8)``
 compression ``b*(K*D + 5D)``, its head ``N*b*(D*(6 + 12*blocks) + L)`` for the
 N samples, the energy score's fp32 pair matrices ``12*(N*N + N*M)`` and the M
 posterior samples ``4*M*L``; the autoencoder's ``(layers/2)*(1 + 1/K)`` MLP
-layers of ``b*(3D + 4F/t)`` per token and its logits ``V/t*(b + 8)`` per token.
+layers of ``b*(3D + 4F/t)`` per token and its logits ``V/t*(2b + 8)`` per token (the
+tied projection's backward keeps a compute-dtype copy of their gradient).
 
 For TPU slices the plan is checked against the real step compiled for the
 slice with libtpu (:mod:`calm_jax.parallel.aot`, ``launch.memory_plan
@@ -270,8 +271,12 @@ def plan(kind: str, cfg, target: Target, workload: Workload, ae_cfg: Autoencoder
     layer = (4 * bb.hidden_size * bb.hidden_size * (1 + bb.num_key_value_heads / bb.num_attention_heads) / 2
              + 3 * bb.hidden_size * bb.intermediate_size) / tensor
     big = bb.vocab_size * bb.hidden_size / tensor
-    rows["gathered"] = b * (2 * layer + big) if fsdp > 1 else 0.0
-    notes["gathered"] = "2 layers + embedding, compute dtype" if fsdp > 1 else "no FSDP"
+    # The baseline's untied LM head is a second vocabulary-sized matrix, gathered (and its gradient
+    # whole before the reduce-scatter) beside the embedding's.
+    bigs = 2 if isinstance(cfg, TransformerConfig) else 1
+    rows["gathered"] = b * (2 * layer + bigs * big) if fsdp > 1 else 0.0
+    notes["gathered"] = (f"2 layers + {'embedding + LM head' if bigs == 2 else 'embedding'}, compute dtype"
+                         if fsdp > 1 else "no FSDP")
 
     per_layer = layer_activation_bytes(bb, policy, positions, tensor, b, target.platform)
     acts = bb.num_hidden_layers * per_layer * pos_dev
@@ -312,10 +317,14 @@ def plan(kind: str, cfg, target: Target, workload: Workload, ae_cfg: Autoencoder
     notes["gathered"] = "embedding + output matrix + 2 layers" if fsdp > 1 else "no FSDP"
     rows["activations"] = layers * b * (3 * d + 4 * f / tensor) * tok_dev
     notes["activations"] = f"{layers:.1f} MLP-layer units x {tok_dev} tokens"
-    rows["non-layer"] = cfg.vocab_size / tensor * (b + 8) * tok_dev
+    # Logits per token: compute-dtype logits, fp32 log-softmax and its gradient, and the tied
+    # projection's compute-dtype copy of that gradient (layers.tied_logits' backward).
+    logits = cfg.vocab_size / tensor * (2 * b + 8)
+    rows["non-layer"] = logits * tok_dev
     notes["non-layer"] = "logits per token"
-    rows["backward"] = (b * (3 * d + 4 * f / tensor) + cfg.vocab_size / tensor * (b + 8)) * tok_dev
-    notes["backward"] = "gradients in flight: one MLP layer + the logits"
+    tpu = target.platform == "tpu"   # as for the backbone: the logits' gradients reuse their buffers
+    rows["backward"] = (b * (3 * d + 4 * f / tensor) + (0.0 if tpu else logits)) * tok_dev
+    notes["backward"] = "gradients in flight: one MLP layer" + ("" if tpu else " + the logits")
   return Plan(target, workload, mesh, rows, notes, total, pos_dev)
 
 
