@@ -58,6 +58,8 @@ def _parse(argv):
                  help="find (or read from the cache) a fitting recipe for each of the paper's seven experiments")
   p.add_argument("--write_docs", action="store_true", help="with --recipes: rewrite docs/SHARDING.md's table")
   p.add_argument("--force", action="store_true", help="with --recipes: recompile what the cache holds")
+  p.add_argument("--from_cache", action="store_true",
+                 help="with --recipes: compile nothing; the table from benchmarks/RESULTS_aot_tpu.json")
   return p.parse_args(argv)
 
 
@@ -198,11 +200,18 @@ def _recipes(args) -> int:
   from calm_jax.cost import recipes
   from calm_jax.parallel import aot
 
-  if not aot.have_libtpu():
+  if not aot.have_libtpu() and not args.from_cache:
     print("memory_plan: --recipes compiles for TPU slices and needs libtpu (pip install -e '.[tpu]')",
           file=sys.stderr)
     return 2
   cache = recipes.load_cache()
+  if args.from_cache:   # no compiles: the recorded recipes and every recorded compile
+    found = {name: recipes.recorded_recipe(name, cache) for name in recipes.PAPER_EXPERIMENTS}
+    compare = sorted((recipes.refresh_plan(r) for r in cache.values()),
+                     key=lambda r: (list(recipes.PAPER_EXPERIMENTS).index(r["experiment"])
+                                    if r["experiment"] in recipes.PAPER_EXPERIMENTS else 99,
+                                    r["topology"], r["grad_accum"]))
+    return _write(args, recipes.docs_section(found, compare))
   if args.force:
     cache = {}
   topology = (args.topology or [recipes.RECIPE_TOPOLOGY])[0]
@@ -220,7 +229,12 @@ def _recipes(args) -> int:
       setting = recipes.Setting(name, topo, (1, chips, 1), _accum_for(rec, chips), rec["remat"])
       compare.append(recipes.evaluate(setting, cache))
       recipes.save_cache(cache)
-  text = recipes.docs_section(found, compare)
+  return _write(args, recipes.docs_section(found, compare))
+
+
+def _write(args, text: str) -> int:
+  from calm_jax.cost import recipes
+
   print(text)
   if args.write_docs:
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "SHARDING.md")
