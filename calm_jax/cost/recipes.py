@@ -263,7 +263,8 @@ def recipe_table(recipes: dict[str, dict[str, Any] | None]) -> str:
   for name, rec in recipes.items():
     title = PAPER_EXPERIMENTS.get(name, name)
     if rec is None:
-      rows.append(f"| {title} | — | — | — | — | — | no recipe found | — | — |")
+      rows.append(f"| {title} (`{name}`) | — | — | — | — | — | no fitting compile recorded "
+                  f"(`python -m launch.memory_plan --recipes --experiment={name}`) | — | — |")
       continue
     c = rec["compiled"]
     g = lambda n: f"{n / 2**30:.1f}"
