@@ -49,8 +49,8 @@ attention) the C-proportional terms become ``(H/t)*4`` (the log-sum-exp).
 
 Non-layer activations per position: the transformer's logits ``V/t*(b + 8)``
 (compute-dtype logits, fp32 log-softmax and its gradient); CALM's input
-compression ``b*(K*D + 5D)``, its head ``N*b*(D*(6 + 12*blocks) + L)`` for the
-N samples, the energy score's fp32 pair matrices ``12*(N*N + N*M)`` and the M
+compression ``b*(K*D + 5D)``, its head ``N*(b*(D*(6 + 12*blocks) + L) + 8*D*(blocks + 2))``
+for the N samples (the last term: the fp32 LayerNorms), the energy score's fp32 pair matrices ``12*(N*N + N*M)`` and the M
 posterior samples ``4*M*L``; the autoencoder's ``(layers/2)*(1 + 1/K)`` MLP
 layers of ``b*(3D + 4F/t)`` per token and its logits ``V/t*(2b + 8)`` per token (the
 tied projection's backward keeps a compute-dtype copy of their gradient).
@@ -289,7 +289,9 @@ def plan(kind: str, cfg, target: Target, workload: Workload, ae_cfg: Autoencoder
       notes["non-layer"] = f"logits {extra / 1e3:.0f} kB/token"
     else:
       d, n, m, lat = bb.hidden_size, cfg.num_samples, cfg.num_target_samples, cfg.latent_size
-      head = n * b * (d * (6 + 12 * cfg.num_mlp_layers) + lat)
+      # + the fp32 input and output of each LayerNorm (one per block, the noise's and the final one):
+      # layers.LayerNorm computes in fp32 (measured: CALM-XL compiled for v5p, docs/SHARDING.md).
+      head = n * (b * (d * (6 + 12 * cfg.num_mlp_layers) + lat) + 8 * d * (cfg.num_mlp_layers + 2))
       score = 12 * (n * n + n * m) + 4 * m * lat
       extra = b * (k * d + 5 * d) + head + score
       notes["non-layer"] = (f"head {head / 1e3:.0f} kB + score {score / 1e3:.0f} kB + compression/position")
