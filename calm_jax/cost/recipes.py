@@ -299,8 +299,11 @@ def docs_section(recipes: dict[str, dict[str, Any] | None], compare: list[dict[s
   machine = compare[0].get("host", "") if compare else ""
   lines = [
       "### Recipes (compiled for the slice, cached in `benchmarks/RESULTS_aot_tpu.json`)", "",
-      "Each row: the paper's global batch, FSDP over the slice, the smallest `optim.grad_accum_steps`",
-      "(with the config's remat, else `full`) whose train step XLA:TPU compiles within the chip's HBM.",
+      "Each row: the paper's global batch, FSDP over the slice, and the least `optim.grad_accum_steps`",
+      "(with the config's remat) among the recorded compiles that XLA:TPU fits in the chip's HBM. The",
+      "search (`--recipes`) starts at the plan's smallest fitting accumulation; where a search was cut",
+      "short (CALM-XL: each CALM compile took about an hour on the loaded 2-core host) a recipe with",
+      "more accumulation than needed is listed: smaller ones may fit too.",
       "Per-chip bytes are `memory_analysis()` of that compile; *best MFU* is the model FLOPs over the",
       "matmul FLOPs the step executes (remat's recomputation included): the MFU if every chip ran every",
       "matmul at its peak and nothing else cost time (`calm_jax/cost/recipes.py`); with `dots` remat",
