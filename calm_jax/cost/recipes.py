@@ -75,7 +75,8 @@ def save_cache(cache: dict[str, Any], path: str = CACHE) -> None:
   import fcntl  # pylint: disable=import-outside-toplevel
 
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".lock", "w") as lock:
+  lock_path = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock")
+  with open(lock_path, "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     merged = {**load_cache(path), **cache}
     cache.update(merged)
