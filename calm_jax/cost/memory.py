@@ -23,7 +23,8 @@ device:
                activations (logits, the energy head's samples) and, under remat,
                one layer's full activations being recomputed;
   backward     the gradients in flight during the backward pass: one layer's
-               full activations plus the non-layer activations, once more;
+               full activations plus (not on TPU, whose compiler reuses their
+               buffers) the non-layer activations, once more;
   AE encode    (CALM) the frozen encoder's forward over every target token,
                ``b*(2D + 3F/t)`` per token: transient, but counted (XLA may
                schedule it while the saved activations are live).
@@ -48,10 +49,17 @@ With cuDNN flash attention on GPU (``attention_impl='cudnn'``, ``'auto'`` in bf1
 
 Non-layer activations per position: the transformer's logits ``V/t*(b + 8)``
 (compute-dtype logits, fp32 log-softmax and its gradient); CALM's input
-compression ``b*(K*D + 5D)``, its head ``N*b*(D*(6 + 12*blocks) + L)`` for the
-N samples, the energy score's fp32 pair matrices ``12*(N*N + N*M)`` and the M
+compression ``b*(K*D + 5D)``, its head ``N*(b*(D*(6 + 12*blocks) + L) + 8*D*(blocks + 2))``
+for the N samples (the last term: the fp32 LayerNorms), the energy score's fp32 pair matrices ``12*(N*N + N*M)`` and the M
 posterior samples ``4*M*L``; the autoencoder's ``(layers/2)*(1 + 1/K)`` MLP
-layers of ``b*(3D + 4F/t)`` per token and its logits ``V/t*(b + 8)`` per token.
+layers of ``b*(3D + 4F/t)`` per token and its logits ``V/t*(2b + 8)`` per token (the
+tied projection's backward keeps a compute-dtype copy of their gradient).
+
+For TPU slices the plan is checked against the real step compiled for the
+slice with libtpu (:mod:`calm_jax.parallel.aot`, ``launch.memory_plan
+--topology``; the recorded compiles of the paper's experiments are in
+``benchmarks/RESULTS_aot_tpu.json`` and tested by
+``tests/test_sharding_cost.py::test_plan_agrees_with_recorded_tpu_compiles``).
 
 Everything is an estimate of what XLA keeps live at the peak; a compiled
 step's ``memory_analysis()`` (:func:`compiled_memory`, possible for small
@@ -264,8 +272,12 @@ def plan(kind: str, cfg, target: Target, workload: Workload, ae_cfg: Autoencoder
     layer = (4 * bb.hidden_size * bb.hidden_size * (1 + bb.num_key_value_heads / bb.num_attention_heads) / 2
              + 3 * bb.hidden_size * bb.intermediate_size) / tensor
     big = bb.vocab_size * bb.hidden_size / tensor
-    rows["gathered"] = b * (2 * layer + big) if fsdp > 1 else 0.0
-    notes["gathered"] = "2 layers + embedding, compute dtype" if fsdp > 1 else "no FSDP"
+    # The baseline's untied LM head is a second vocabulary-sized matrix, gathered (and its gradient
+    # whole before the reduce-scatter) beside the embedding's.
+    bigs = 2 if isinstance(cfg, TransformerConfig) else 1
+    rows["gathered"] = b * (2 * layer + bigs * big) if fsdp > 1 else 0.0
+    notes["gathered"] = (f"2 layers + {'embedding + LM head' if bigs == 2 else 'embedding'}, compute dtype"
+                         if fsdp > 1 else "no FSDP")
 
     per_layer = layer_activation_bytes(bb, policy, positions, tensor, b, target.platform)
     acts = bb.num_hidden_layers * per_layer * pos_dev
@@ -286,8 +298,12 @@ def plan(kind: str, cfg, target: Target, workload: Workload, ae_cfg: Autoencoder
     rows["non-layer"] = extra * pos_dev
     # The backward pass's working set: the gradients of one layer's activations and of the
     # non-layer activations are live next to everything saved.
-    rows["backward"] = (layer_activation_bytes(bb, "none", positions, tensor, b, target.platform) + extra) * pos_dev
-    notes["backward"] = "gradients in flight: one layer + the non-layer activations"
+    # On TPU the non-layer activations' gradients take their buffers (XLA:TPU's scheduler; measured on
+    # the paper's steps compiled for v5p, docs/SHARDING.md): only one layer's are in flight beside them.
+    tpu = target.platform == "tpu"
+    rows["backward"] = (layer_activation_bytes(bb, "none", positions, tensor, b, target.platform)
+                        + (0.0 if tpu else extra)) * pos_dev
+    notes["backward"] = "gradients in flight: one layer" + ("" if tpu else " + the non-layer activations")
     if isinstance(cfg, EnergyConfig):
       # The frozen encoder's forward over every target token: transient, but XLA may schedule it
       # while the backbone's saved activations are live (on CPU it does), so it is counted.
@@ -302,10 +318,14 @@ def plan(kind: str, cfg, target: Target, workload: Workload, ae_cfg: Autoencoder
     notes["gathered"] = "embedding + output matrix + 2 layers" if fsdp > 1 else "no FSDP"
     rows["activations"] = layers * b * (3 * d + 4 * f / tensor) * tok_dev
     notes["activations"] = f"{layers:.1f} MLP-layer units x {tok_dev} tokens"
-    rows["non-layer"] = cfg.vocab_size / tensor * (b + 8) * tok_dev
+    # Logits per token: compute-dtype logits, fp32 log-softmax and its gradient, and the tied
+    # projection's compute-dtype copy of that gradient (layers.tied_logits' backward).
+    logits = cfg.vocab_size / tensor * (2 * b + 8)
+    rows["non-layer"] = logits * tok_dev
     notes["non-layer"] = "logits per token"
-    rows["backward"] = (b * (3 * d + 4 * f / tensor) + cfg.vocab_size / tensor * (b + 8)) * tok_dev
-    notes["backward"] = "gradients in flight: one MLP layer + the logits"
+    tpu = target.platform == "tpu"   # as for the backbone: the logits' gradients reuse their buffers
+    rows["backward"] = (b * (3 * d + 4 * f / tensor) + (0.0 if tpu else logits)) * tok_dev
+    notes["backward"] = "gradients in flight: one MLP layer" + ("" if tpu else " + the logits")
   return Plan(target, workload, mesh, rows, notes, total, pos_dev)
 
 

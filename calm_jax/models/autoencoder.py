@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from calm_jax.configs import AutoencoderConfig, dtype_of
 from calm_jax.models import layers, losses
+from calm_jax.parallel import sharding
 
 
 class AELayer(nn.Module):
@@ -29,6 +30,7 @@ class AELayer(nn.Module):
   def __call__(self, x):
     cfg = self.cfg
     dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+    x = sharding.constrain_rows(x)   # block boundary: rows (chunks or tokens) over the batch axes
     y = layers.RMSNorm(cfg.rms_norm_eps, dt, pdt, name="layernorm")(x)
     return x + layers.SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.initializer_range, dt, pdt,
                              name="mlp")(y)
@@ -54,13 +56,13 @@ class Encoder(nn.Module):
     """Returns ``(mean_NxL, log_std_NxL)`` in the compute dtype."""
     cfg = self.cfg
     half = cfg.num_encoder_layers // 2
-    h = self.embed_tokens(ids_NxK)                      # N x K x D
+    h = sharding.constrain_rows(self.embed_tokens(ids_NxK))   # N x K x D
     for layer in self.layers[:half]:
       h = layer(h)
     h = self.squeeze(h.reshape(h.shape[0], -1))          # N x D
     for layer in self.layers[half:]:
       h = layer(h)
-    out = self.hidden_to_latent(self.norm(h))            # N x 2L
+    out = sharding.constrain_rows(self.hidden_to_latent(self.norm(h)), "latent")   # N x 2L
     return out[..., :cfg.latent_size], out[..., cfg.latent_size:]
 
 
@@ -85,7 +87,7 @@ class Decoder(nn.Module):
     h = self.expand(h).reshape(h.shape[0], cfg.patch_size, cfg.hidden_size)   # N x K x D
     for layer in self.layers[half:]:
       h = layer(h)
-    return self.norm(h)
+    return sharding.constrain_rows(self.norm(h))
 
 
 class Autoencoder(nn.Module):
@@ -117,7 +119,7 @@ class Autoencoder(nn.Module):
   def decode(self, z_BxSxL):
     lead = z_BxSxL.shape[:-1]
     h = self.decoder(z_BxSxL.reshape(-1, z_BxSxL.shape[-1]))
-    logits = self.encoder.embed_tokens.attend(h).astype(jnp.float32)
+    logits = sharding.constrain_rows(self.encoder.embed_tokens.attend(h), "act_vocab").astype(jnp.float32)
     return logits.reshape(lead + logits.shape[-2:])
 
   def decode_hidden(self, z_BxSxL):

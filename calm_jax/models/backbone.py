@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from calm_jax.configs import LlamaConfig, dtype_of
 from calm_jax.models import attention, layers
+from calm_jax.parallel import sharding
 
 Cache = dict[str, Any]
 
@@ -37,6 +38,10 @@ _REMAT = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+# Logical axes of the activations (sharding.constrain): the residual stream and per-head tensors.
+_BTD = ("batch", "length", "act_embed")
+_BTHD = ("batch", "length", "act_heads", "head_dim")
 
 _NEG_INF = attention.NEG_INF  # large finite value: a fully-masked row (left padding) stays NaN-free
 
@@ -71,6 +76,8 @@ class Attention(nn.Module):
     q = layers.Dense((h, dh), ("embed", "heads", "head_dim"), name="q_proj", **kw)(x_BxTxD)
     k = layers.Dense((g, dh), ("embed", "kv_heads", "head_dim"), name="k_proj", **kw)(x_BxTxD)
     v = layers.Dense((g, dh), ("embed", "kv_heads", "head_dim"), name="v_proj", **kw)(x_BxTxD)
+    # Heads split as the rules table says ('act_heads'), rows on the batch axes.
+    q, k, v = (sharding.constrain(a, _BTHD) for a in (q, k, v))
     q = layers.apply_rotary(q, cos, sin)
     k = layers.apply_rotary(k, cos, sin)
     new_cache = None
@@ -81,6 +88,7 @@ class Attention(nn.Module):
       k, v = ck.astype(q.dtype), cv.astype(q.dtype)
     # cfg.attention_impl picks the kernel (calm_jax.models.attention: 'auto' by platform).
     out = attention.attend(q, k, v, mask, cfg.attention_impl, cached=kv_cache is not None)
+    out = sharding.constrain(out, _BTHD)
     y = layers.Dense(cfg.hidden_size, ("heads", "head_dim", "embed"), in_axes=2, name="o_proj", **kw)(out)
     return y, new_cache
 
@@ -93,12 +101,13 @@ class DecoderLayer(nn.Module):
   def __call__(self, x, kv_cache, cos, sin, mask, index):
     cfg = self.cfg
     dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+    x = sharding.constrain(x, _BTD)   # block boundary: the residual stream stays split over the batch
     y = layers.RMSNorm(cfg.rms_norm_eps, dt, pdt, name="input_layernorm")(x)
     y, new_cache = Attention(cfg, name="self_attn")(y, cos, sin, mask, kv_cache, index)
-    x = x + y
+    x = sharding.constrain(x + y, _BTD)
     y = layers.RMSNorm(cfg.rms_norm_eps, dt, pdt, name="post_attention_layernorm")(x)
     y = layers.SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.initializer_range, dt, pdt, name="mlp")(y)
-    return x + y, new_cache
+    return sharding.constrain(x + y, _BTD), new_cache
 
 
 class LlamaModel(nn.Module):
@@ -137,7 +146,7 @@ class LlamaModel(nn.Module):
       start = 0 if cache is None else cache["index"]
       positions_BxT = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
     cos, sin = layers.rotary_cos_sin(positions_BxT, cfg.head_dim, cfg.rope_theta)
-    x = x_BxTxD.astype(dtype_of(cfg.dtype))
+    x = sharding.constrain(x_BxTxD.astype(dtype_of(cfg.dtype)), _BTD)
     if cache is None:
       mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
       index = jnp.zeros((), jnp.int32)
@@ -163,7 +172,7 @@ class LlamaModel(nn.Module):
           new_k.append(nc["k"])
           new_v.append(nc["v"])
       new_kv = None if kv is None else {"k": new_k, "v": new_v}
-    h = self.norm(x)
+    h = sharding.constrain(self.norm(x), _BTD)
     if cache is None:
       return h, None
     return h, dict(new_kv, valid=valid, index=index + t)

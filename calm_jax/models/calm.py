@@ -29,6 +29,7 @@ from calm_jax.models.backbone import Cache, LlamaModel
 # The energy head's pieces, where they were before the heads got their own package.
 from calm_jax.models.heads.energy import (  # noqa: F401
     ConcatDense, EnergyHead, MLPBlock, _kw, _ln, sample_noise)
+from calm_jax.parallel import sharding
 
 
 class EnergyModel(nn.Module):
@@ -60,7 +61,9 @@ class EnergyModel(nn.Module):
     b, t = tokens_BxT.shape
     k = self.cfg.patch_size
     e = self.transformer.embed(tokens_BxT).reshape(b, t // k, k * self.cfg.backbone.hidden_size)
-    return self.embed_proj_3(self.embed_proj_2(nn.silu(self.embed_proj_0(e))))
+    e = sharding.constrain(e, ("batch", "length", "patch"))
+    return sharding.constrain(self.embed_proj_3(self.embed_proj_2(nn.silu(self.embed_proj_0(e)))),
+                              ("batch", "length", "act_embed"))
 
   def hidden(self, tokens_BxT, positions_BxS=None, cache: Cache | None = None, valid_BxS=None):
     return self.transformer(self.compress(tokens_BxT), positions_BxS, cache, valid_BxS)

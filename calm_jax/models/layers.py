@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from calm_jax.parallel import sharding
+
 Dtype = Any
 
 
@@ -216,7 +218,8 @@ class SwiGLU(nn.Module):
     kw = dict(std=self.std, dtype=self.dtype, param_dtype=self.param_dtype)
     gate = Dense(self.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
     up = Dense(self.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
-    return Dense(self.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(nn.silu(gate) * up)
+    hidden = sharding.constrain_rows(nn.silu(gate) * up, "act_mlp")
+    return Dense(self.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(hidden)
 
 
 class Embed(nn.Module):

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from calm_jax.configs import AutoencoderConfig, check_beta
 from calm_jax.models import layers
+from calm_jax.parallel import sharding
 
 # --------------------------------------------------------------------------- autoencoder
 
@@ -243,11 +244,12 @@ def projected_argmax(h_xD, w, layout: str = "vd"):
   """``argmax(h @ W)`` over the vocabulary for any leading shape; blocked when V is large."""
   v = w.shape[0] if layout == "vd" else w.shape[1]
   lead = h_xD.shape[:-1]
-  h = h_xD.reshape(-1, h_xD.shape[-1])
+  h = sharding.constrain_rows(h_xD.reshape(-1, h_xD.shape[-1]))
   c = vocab_block_size(v, h.shape[0])
   if c:
     return blocked_argmax(h, w, c, layout).reshape(lead)
-  return jnp.argmax(_block_logits(h, w, layout), -1).astype(jnp.int32).reshape(lead)
+  logits = sharding.constrain_rows(_block_logits(h, w, layout), "act_vocab")
+  return jnp.argmax(logits, -1).astype(jnp.int32).reshape(lead)
 
 
 def projected_token_nll(h_xD, w, labels_x, layout: str = "vd"):
@@ -255,16 +257,19 @@ def projected_token_nll(h_xD, w, labels_x, layout: str = "vd"):
   blocked over the vocabulary when V is large (:func:`blocked_token_nll`), else the plain path
   (:func:`calm_jax.models.layers.tied_logits` or ``h @ W``, then :func:`token_nll`)."""
   v = w.shape[0] if layout == "vd" else w.shape[1]
-  h = h_xD.reshape(-1, h_xD.shape[-1])
+  # Rows on the batch axes and the plain logits' columns by the rules table's act_vocab: without
+  # these XLA's propagation may gather the activations instead of the projection (issue 14).
+  h = sharding.constrain_rows(h_xD.reshape(-1, h_xD.shape[-1]))
   labels = labels_x.reshape(-1)
   c = vocab_block_size(v, h.shape[0])
   if c:
     nll, correct = blocked_token_nll(h, w, labels, c, layout)
   else:
     if layout == "vd":
-      logits = layers.tied_logits(h, w).astype(jnp.float32)
+      logits = layers.tied_logits(h, w)
     else:
-      logits = jnp.dot(h, w).astype(jnp.float32)
+      logits = jnp.dot(h, w)
+    logits = sharding.constrain_rows(logits, "act_vocab").astype(jnp.float32)
     nll = token_nll(logits, labels)
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
   return nll.reshape(labels_x.shape), correct.reshape(labels_x.shape)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from calm_jax.configs import TransformerConfig, dtype_of
 from calm_jax.models import layers
 from calm_jax.models.backbone import Cache, LlamaModel
+from calm_jax.parallel import sharding
 
 
 class TransformerLM(nn.Module):
@@ -25,7 +26,8 @@ class TransformerLM(nn.Module):
 
   def __call__(self, tokens_BxT, positions_BxT=None, cache: Cache | None = None, valid_BxT=None):
     h, cache = self.model(self.model.embed(tokens_BxT), positions_BxT, cache, valid_BxT)
-    return self.lm_head(h).astype(jnp.float32), cache
+    logits = sharding.constrain(self.lm_head(h), ("batch", "length", "act_vocab"))
+    return logits.astype(jnp.float32), cache
 
   def hidden_and_head(self, tokens_BxT):
     """``(h_BxTxD, W_DxV)``: the final hidden states and the LM head's kernel, both in the compute

@@ -33,6 +33,8 @@ the parameter and batch shardings plus the constraints of :func:`constrain`.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 from collections.abc import Mapping
@@ -171,8 +173,11 @@ def _as_axes(value) -> tuple[str, ...]:
 
 
 def logical_to_spec(logical: PartitionSpec | tuple, mesh, rules: Mapping[str, Any] | None = None,
-                    shape: tuple[int, ...] | None = None) -> PartitionSpec:
-  """One array's logical names -> a mesh PartitionSpec (resolution rules: module doc)."""
+                    shape: tuple[int, ...] | None = None, fsdp_fallback: bool = True) -> PartitionSpec:
+  """One array's logical names -> a mesh PartitionSpec (resolution rules: module doc).
+
+  ``fsdp_fallback`` False (activations, :func:`constrain`): no large-array fallback onto ``fsdp``.
+  """
   rules = DEFAULT_RULES if rules is None else rules
   used: set[str] = set()
   out: list[Any] = []
@@ -189,7 +194,8 @@ def logical_to_spec(logical: PartitionSpec | tuple, mesh, rules: Mapping[str, An
         axes.pop()
     used.update(axes)
     out.append(None if not axes else (axes[0] if len(axes) == 1 else tuple(axes)))
-  if shape is not None and "fsdp" not in used and mesh.shape["fsdp"] > 1 and math.prod(shape) >= FSDP_MIN_SIZE:
+  if (fsdp_fallback and shape is not None and "fsdp" not in used and mesh.shape["fsdp"] > 1
+      and math.prod(shape) >= FSDP_MIN_SIZE):
     free = [i for i, a in enumerate(out) if a is None and shape[i] % mesh.shape["fsdp"] == 0]
     if free:
       out[max(free, key=lambda i: shape[i])] = "fsdp"
@@ -325,20 +331,74 @@ def put_batch(mesh, host_batch: PyTree) -> PyTree:
   return jax.tree.map(one, host_batch)
 
 
-def constrain(x, logical: tuple, mesh=None, rules: Mapping[str, Any] | None = None):
-  """Constrain an activation's sharding by logical names (inside jit; no-op without a mesh)."""
-  mesh = mesh if mesh is not None else _current_mesh()
-  if mesh is None or mesh.empty:
-    return x
-  spec = logical_to_spec(logical, mesh, rules, tuple(x.shape))
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+# The rules table that :func:`constrain` reads while a step is traced (``config.sharding_rules``
+# applied: :func:`with_rules`); DEFAULT_RULES when none is active.
+_ACTIVE_RULES: list[Mapping[str, Any] | None] = [None]
 
 
-def _current_mesh():
+@contextlib.contextmanager
+def use_rules(rules: Mapping[str, Any] | None):
+  """Make ``rules`` the table :func:`constrain` resolves activations with, for the block's traces."""
+  _ACTIVE_RULES.append(rules)
   try:
-    return jax.sharding.get_mesh()
-  except Exception:  # noqa: BLE001 - no context mesh API / none set
-    return None
+    yield
+  finally:
+    _ACTIVE_RULES.pop()
+
+
+def with_rules(fn, rules: Mapping[str, Any] | None):
+  """``fn`` traced under :func:`use_rules` (``rules``): how the loop's jitted step sees the config's table."""
+  if rules is None:
+    return fn
+
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with use_rules(rules):
+      return fn(*args, **kwargs)
+
+  return traced
+
+
+def constrain(x, logical: tuple, mesh=None, rules: Mapping[str, Any] | None = None):
+  """Constrain an activation's sharding by its logical axis names, through the rules table.
+
+  The one helper the model code calls at its block boundaries (``('batch',
+  'length', 'act_embed')`` for the residual stream, ``'act_heads'`` /
+  ``'act_mlp'`` / ``'act_vocab'`` inside): it pins activations to the batch
+  split (and tensor-parallel widths), so that XLA's propagation moves the
+  FSDP-sharded *weights* to the activations -- an all-gather of each weight --
+  instead of gathering the batch and repeating the work on every device.
+  Resolution as :func:`logical_to_spec`, without the large-array fallback;
+  a dimension not divisible by its mesh axes stays unconstrained.
+
+  A no-op outside ``jit`` under a mesh (``jax.set_mesh``) and inside
+  ``jax.shard_map`` over any manual axis (the per-device code already holds
+  its own rows).  ``rules`` defaults to the active table (:func:`use_rules`),
+  else :data:`DEFAULT_RULES`.
+  """
+  if mesh is None:
+    mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or getattr(mesh, "manual_axes", ()):
+    return x
+  rules = rules if rules is not None else (_ACTIVE_RULES[-1] or DEFAULT_RULES)
+  if len(logical) != x.ndim:
+    raise ShardingError(f"constrain: {len(logical)} logical names {tuple(logical)} for an array of shape {x.shape}")
+  spec = logical_to_spec(logical, mesh, rules, tuple(x.shape), fsdp_fallback=False)
+  # Dimensions left without mesh axes are pinned replicated, except where a name maps to axes that did
+  # not divide (left to the compiler: P.UNCONSTRAINED).
+  dims = list(spec) + [None] * (x.ndim - len(spec))
+  for i, name in enumerate(logical):
+    if dims[i] is None and name is not None and _as_axes(rules.get(name)):
+      if any(mesh.shape[a] > 1 for a in _as_axes(rules[name])):
+        dims[i] = P.UNCONSTRAINED
+  if isinstance(mesh, jax.sharding.Mesh):
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*dims)))
+  return jax.lax.with_sharding_constraint(x, P(*dims))
+
+
+def constrain_rows(x, last: str = "act_embed"):
+  """:func:`constrain` of an activation ``[rows, ..., width]``: rows on ``batch``, the width by ``last``."""
+  return constrain(x, ("batch",) + (None,) * (x.ndim - 2) + (last,))
 
 
 # --------------------------------------------------------------------------- multi-host

@@ -627,6 +627,27 @@ def _changes(saved: dict | None, ours: dict) -> str:
   return _first_difference(saved, ours, "config") or ""
 
 
+def jit_train_step(exp: Experiment, mesh, rules, tx=None):
+  """``(step_jit, state_shardings)``: the loop's train step jitted for ``mesh`` (state donated).
+
+  Also what :mod:`calm_jax.parallel.aot` compiles ahead of time for a target it
+  is not running on, so that the plan checks the step that really runs.  CALM's
+  frozen autoencoder arrives in :func:`sharding.param_shardings` of ``exp.ae_model``
+  (where :func:`_load_autoencoder` puts it).
+  """
+  tx = trainers.make_optimizer(exp.optim) if tx is None else tx
+  p_sh = sharding.param_shardings(exp.model, mesh, rules)
+  state_sh = sharding.state_shardings(tx, models.abstract_params(exp.model), p_sh, mesh)
+  step_fn = trainers.make_train_step(exp.kind, exp.model, exp.optim, tx, ae_cfg=exp.ae_model, mesh=mesh)
+  step_fn = sharding.with_rules(step_fn, rules)   # the models' activation constraints read this table
+  rep = sharding.replicated(mesh)
+  ae_sh = sharding.param_shardings(exp.ae_model, mesh, rules) if exp.kind == "energy" else None
+  step_jit = jax.jit(step_fn, donate_argnums=(0,),
+                     in_shardings=(state_sh, sharding.batch_sharding(mesh), rep, ae_sh),
+                     out_shardings=(state_sh, rep))
+  return step_jit, state_sh
+
+
 def _train(exp: Experiment, workdir: str, mesh, rules, saved_config: dict | None = None) -> dict[str, float]:
   """:func:`run` after the config and the mesh are settled, under ``jax.set_mesh(mesh)``."""
 
@@ -644,8 +665,7 @@ def _train(exp: Experiment, workdir: str, mesh, rules, saved_config: dict | None
   tx = trainers.make_optimizer(exp.optim)
   base = jax.random.key(exp.train.seed)
   init_key, train_key, eval_key = (jax.random.fold_in(base, i) for i in range(3))
-  p_sh = sharding.param_shardings(exp.model, mesh, rules)
-  state_sh = sharding.state_shardings(tx, models.abstract_params(exp.model), p_sh, mesh)
+  step_jit, state_sh = jit_train_step(exp, mesh, rules, tx)
   abstract = sharding.abstract_state(tx, models.abstract_params(exp.model), state_sh)
 
   ae_params = _load_autoencoder(exp, mesh, rules) if exp.kind == "energy" else None
@@ -659,12 +679,6 @@ def _train(exp: Experiment, workdir: str, mesh, rules, saved_config: dict | None
   _say(f"{'resumed from ' + restored.path if restored.source == 'resume' else 'initialised'} at step "
        f"{start}; {_param_summary(state['params'])}")
 
-  step_fn = trainers.make_train_step(exp.kind, exp.model, exp.optim, tx, ae_cfg=exp.ae_model, mesh=mesh)
-  rep = sharding.replicated(mesh)
-  ae_sh = None if ae_params is None else jax.tree.map(lambda x: x.sharding, ae_params)
-  step_jit = jax.jit(step_fn, donate_argnums=(0,),
-                     in_shardings=(state_sh, sharding.batch_sharding(mesh), rep, ae_sh),
-                     out_shardings=(state_sh, rep))
   eval_fn = jax.jit(trainers.make_eval_step(exp.kind, exp.model, ae_cfg=exp.ae_model, pad_id=tok.pad_id,
                                             noise_sigma=exp.eval.ae_noise_sigma, mesh=mesh))
   brier_key = jax.random.fold_in(eval_key, 1 << 20)

@@ -204,11 +204,14 @@ class Energy(base.GenerativeHead):
     return 2.0 * (num_samples * per_sample + per_position)
 
   def activation_bytes(self, bytes_per_element):
-    """N samples x (the noise stream's D-wide activations: 6 + 12 per block, and the latent); the
+    """N samples x (the noise stream's D-wide activations: 6 + 12 per block, and the latent, plus the
+    fp32 input and output of each LayerNorm: one per block, the noise's and the final one, since
+    layers.LayerNorm computes in fp32; measured on CALM-XL compiled for v5p, docs/SHARDING.md); the
     score's N x N and N x M distances (fp32, with their gradients) and the M posterior samples."""
     cfg = self.cfg
     d, n, m, lat = cfg.backbone.hidden_size, cfg.num_samples, cfg.num_target_samples, cfg.latent_size
-    head = n * bytes_per_element * (d * (6 + 12 * cfg.num_mlp_layers) + lat)
+    head = n * (bytes_per_element * (d * (6 + 12 * cfg.num_mlp_layers) + lat)
+                + 8 * d * (cfg.num_mlp_layers + 2))
     return head, 12 * (n * n + n * m) + 4 * m * lat
 
   # ------------------------------------------------------------------ interop
