@@ -38,7 +38,6 @@ both sides; everything on the CPU.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess

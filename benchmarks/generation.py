@@ -35,7 +35,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 
 import jax
 import numpy as np

@@ -18,7 +18,7 @@ import pytest
 
 from calm_jax import models
 from calm_jax.configs import AutoencoderConfig, EnergyConfig, LlamaConfig, TransformerConfig
-from calm_jax.evaluation import brier, evaluate
+from calm_jax.evaluation import evaluate
 from calm_jax.generation import generate
 from calm_jax.models.autoencoder import Autoencoder
 from calm_jax.models.calm import EnergyModel

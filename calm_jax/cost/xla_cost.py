@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import optax
 
 from calm_jax import models
-from calm_jax.configs import AutoencoderConfig, EnergyConfig, TransformerConfig
+from calm_jax.configs import AutoencoderConfig, EnergyConfig
 from calm_jax.cost import flops
 from calm_jax.models.autoencoder import Autoencoder
 from calm_jax.models.backbone import init_cache
