@@ -173,7 +173,9 @@ def _sub_jaxprs(eqn):
         yield x.jaxpr
 
 
-def _jaxpr_matmul_flops(jaxpr) -> float:
+def jaxpr_matmul_flops(jaxpr) -> float:
+  """2·M·N·K over the dot_generals of a jaxpr: scans times their length, shard_map bodies times
+  their manual shards (global FLOPs), a cond's dearest branch, a while loop once."""
   total = 0.0
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == "dot_general":
@@ -183,15 +185,20 @@ def _jaxpr_matmul_flops(jaxpr) -> float:
       continue
     subs = list(_sub_jaxprs(eqn))
     if eqn.primitive.name == "cond":   # one branch runs: count the dearest
-      total += max((_jaxpr_matmul_flops(j) for j in subs), default=0.0)
-    else:                              # scan runs its body `length` times; a while loop is counted once
-      total += eqn.params.get("length", 1) * sum(_jaxpr_matmul_flops(j) for j in subs)
+      total += max((jaxpr_matmul_flops(j) for j in subs), default=0.0)
+      continue
+    times = eqn.params.get("length", 1)
+    if eqn.primitive.name == "shard_map":
+      mesh = eqn.params["mesh"]
+      manual = eqn.params.get("newly_manual_axes", eqn.params.get("manual_axes", ()))
+      times *= math.prod(mesh.shape[a] for a in manual)
+    total += times * sum(jaxpr_matmul_flops(j) for j in subs)
   return total
 
 
 def matmul_flops(fn: Callable, *args) -> float:
   """2·M·N·K summed over every dot_general traced by ``fn(*args)`` (nested jaxprs included)."""
-  return _jaxpr_matmul_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+  return jaxpr_matmul_flops(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
 # --------------------------------------------------------------------------- analytic counts of the compiled program
@@ -347,7 +354,7 @@ def _count(name: str, fn: Callable, args, expected: Expected, compiled: bool) ->
   lowered = traced.lower()
   cost = lowered.compile().cost_analysis() if compiled else lowered.cost_analysis()
   return CrossCheck(name, "compiled" if compiled else "lowered", _flops_of(cost),
-                    _jaxpr_matmul_flops(traced.jaxpr.jaxpr), expected)
+                    jaxpr_matmul_flops(traced.jaxpr.jaxpr), expected)
 
 
 def check_train(kind: str, cfg, ae_cfg: AutoencoderConfig | None = None, *, batch: int = 2,

@@ -323,31 +323,6 @@ def _load_config(spec: str):
   return module.get_config(arg or None)
 
 
-def _jaxpr_matmul_flops(jaxpr) -> float:
-  """2·M·N·K over the dot_generals of a jaxpr, scans times their length, shard_map bodies times
-  their manual shards (global FLOPs; XLA's ``cost_analysis`` counts a loop body once)."""
-  from calm_jax.cost import xla_cost  # pylint: disable=import-outside-toplevel
-
-  total = 0.0
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
-      (lhs_contract, _), _ = eqn.params["dimension_numbers"]
-      k = math.prod(eqn.invars[0].aval.shape[d] for d in lhs_contract)
-      total += 2.0 * k * math.prod(eqn.outvars[0].aval.shape)
-      continue
-    subs = list(xla_cost._sub_jaxprs(eqn))  # pylint: disable=protected-access
-    if eqn.primitive.name == "cond":
-      total += max((_jaxpr_matmul_flops(j) for j in subs), default=0.0)
-      continue
-    times = eqn.params.get("length", 1)
-    if eqn.primitive.name == "shard_map":
-      mesh = eqn.params["mesh"]
-      manual = eqn.params.get("newly_manual_axes", eqn.params.get("manual_axes", ()))
-      times *= math.prod(mesh.shape[a] for a in manual)
-    total += times * sum(_jaxpr_matmul_flops(j) for j in subs)
-  return total
-
-
 def step_matmul_flops(exp, mesh, rules=None) -> float:
   """The matmul FLOPs one train step executes, over all devices: remat's recomputation and every
   micro-batch included (the traced program, loops unrolled in the count)."""
@@ -357,7 +332,8 @@ def step_matmul_flops(exp, mesh, rules=None) -> float:
   step_jit, state_sh = train.jit_train_step(exp, mesh, rules)
   with jax.set_mesh(mesh):
     jaxpr = step_jit.trace(*abstract_inputs(exp, mesh, rules, state_sh)).jaxpr
-  return _jaxpr_matmul_flops(jaxpr.jaxpr)
+  from calm_jax.cost import xla_cost  # pylint: disable=import-outside-toplevel
+  return xla_cost.jaxpr_matmul_flops(jaxpr.jaxpr)
 
 
 def model_flops_per_step(exp) -> float:
