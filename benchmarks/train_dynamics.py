@@ -158,9 +158,12 @@ def _recording(fn):
 
 
 def install_recorders() -> None:
-  """Every public jax.random.uniform/normal/bernoulli call records its output (in call order)."""
+  """Every public jax.random.uniform/normal/bernoulli call, and calm_jax.models.rng.normal (the
+  posterior draws), records its output (in call order)."""
+  from calm_jax.models import rng  # pylint: disable=import-outside-toplevel
   for name in ("uniform", "normal", "bernoulli"):
     setattr(jax.random, name, _recording(getattr(jax.random, name)))
+  rng.normal = _recording(rng.normal)
 
 
 # ----------------------------------------------------------------------------- calm_jax side

@@ -293,8 +293,10 @@ def expected_train_flops(kind: str, cfg, ae_cfg: AutoencoderConfig | None, batch
              # noise_embd's input gradient is never formed: 2 of its 3 passes run.
              "head": pos * k * fl.head - pos * n * 2.0 * cfg.noise_size * d,
              "ae_encoder": pos * k * fl.ae_encoder,
-             # the Gram matrix x·yᵀ (N x M per position) and its gradient in x.
-             "energy_distance": 2 * 2.0 * pos * n * cfg.num_target_samples * cfg.latent_size}
+             # the Gram matrix x·yᵀ (N x M per position) and its gradient in x, and the
+             # N x N self-distance term's gradient W·x (losses.self_distance_pow's VJP).
+             "energy_distance": 2 * 2.0 * pos * n * cfg.num_target_samples * cfg.latent_size
+                                + 2.0 * pos * n * n * cfg.latent_size}
     ew = (_llama_elementwise(cfg.backbone, pos, s - 1, True) + _head_elementwise(cfg, pos, n, True)
           + pos * (2 * d * (e["glu"] + e["bias"]) + d * (e["layernorm"] + e["bias"]))   # compression
           + _ae_elementwise(ae_cfg, pos * k, False, True, False)

@@ -34,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 from calm_jax import models
 from calm_jax.configs import AutoencoderConfig, EnergyConfig
 from calm_jax.evaluation import brier
-from calm_jax.models import heads, losses
+from calm_jax.models import heads, losses, rng
 from calm_jax.models.autoencoder import Autoencoder
 from calm_jax.models.calm import EnergyModel
 from calm_jax.models.heads.base import row_keys  # noqa: F401  (re-exported)
@@ -50,7 +50,7 @@ def row_noise(cfg: EnergyConfig, key, rows_B, num_positions: int, num_samples: i
 
 def row_posterior_eps(cfg: EnergyConfig, key, rows_B, num_positions: int):
   """Standard-normal draws ``[M, B, num_positions, L]`` per row; posterior = mean + std * eps."""
-  draw = lambda k: jax.random.normal(k, (cfg.num_target_samples, num_positions, cfg.latent_size), jnp.float32)
+  draw = lambda k: rng.normal(k, (cfg.num_target_samples, num_positions, cfg.latent_size), jnp.float32)
   return jnp.swapaxes(jax.vmap(draw)(row_keys(key, rows_B)), 0, 1)
 
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from calm_jax.configs import EnergyConfig, dtype_of
-from calm_jax.models import layers, losses
+from calm_jax.models import layers, losses, rng
 from calm_jax.models.heads import base
 
 
@@ -51,7 +51,11 @@ class ConcatDense(nn.Module):
                         (da + db, self.features), self.param_dtype).astype(self.dtype)
     bias = self.param("bias", layers.param_init(layers.ZEROS, self.axes[-1:]), (self.features,),
                       self.param_dtype).astype(self.dtype)
-    return a.astype(self.dtype) @ kernel[:da] + (b.astype(self.dtype) @ kernel[da:] + bias)
+    per_sample = a.astype(self.dtype) @ kernel[:da]
+    shared = b.astype(self.dtype) @ kernel[da:] + bias
+    if per_sample.shape == shared.shape or jnp.broadcast_shapes(per_sample.shape, shared.shape) != per_sample.shape:
+      return per_sample + shared
+    return layers.add_broadcast(per_sample, shared)
 
 
 class MLPBlock(nn.Module):
@@ -150,7 +154,7 @@ class Energy(base.GenerativeHead):
     k_noise, k_target = jax.random.split(key)
     noise = base.row_draws(k_noise, rows_B, lambda k: self.noise(k, (cfg.num_samples, s)))   # N x B x S x E
     preds = self.sample(head_params, h_BxSxD[None], noise)                                    # N x B x S x L
-    eps = base.row_draws(k_target, rows_B, lambda k: jax.random.normal(
+    eps = base.row_draws(k_target, rows_B, lambda k: rng.normal(
         k, (cfg.num_target_samples, s, cfg.latent_size), jnp.float32))                       # M x B x S x L
     mean = jax.lax.stop_gradient(mean_BxSxL.astype(jnp.float32))
     std = jnp.exp(jax.lax.stop_gradient(log_std_BxSxL.astype(jnp.float32)))
