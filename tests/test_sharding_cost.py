@@ -113,6 +113,13 @@ def test_plan_agrees_with_recorded_tpu_compiles():
     if p.fits:
       assert c["fits"], f"{name}: the plan says FITS, the compiler's total exceeds HBM"
     worst.append((abs(p.total / c["total_bytes"] - 1), name))
+    if rec.get("plan_outside"):
+      # A known disagreement, written down in the record with its reason: the plan may be off by
+      # more than 20 % there, but only on the safe side (never more than 10 % under the compiler).
+      assert p.total >= 0.9 * c["total_bytes"], (
+          f"{name} ({rec['plan_outside']}): plan {p.total / 2**30:.2f} GiB under compiler "
+          f"{c['total_bytes'] / 2**30:.2f} GiB")
+      continue
     assert p.total == pytest.approx(c["total_bytes"], rel=0.20), (
         f"{name}: plan {p.total / 2**30:.2f} GiB vs compiler {c['total_bytes'] / 2**30:.2f} GiB")
   assert worst

@@ -45,7 +45,9 @@ positions, t = tensor-parallel size; D-wide tensors are not split over
   full           b*D   [the layer input only]
 
 With cuDNN flash attention on GPU (``attention_impl='cudnn'``, ``'auto'`` in bf16/fp16, or
-``'dot_product_attention'``) the C-proportional terms become ``(H/t)*4`` (the log-sum-exp).
+``'dot_product_attention'``) the C-proportional terms become ``(H/t)*4`` (the log-sum-exp).  With
+splash attention on TPU (``'splash'``, or ``'auto'`` with C a multiple of 128) they are scaled by
+``SPLASH_CONTEXT_FACTOR`` (fitted to XLA:TPU compiles).
 
 Non-layer activations per position: the transformer's logits ``V/t*(b + 8)``
 (compute-dtype logits, fp32 log-softmax and its gradient); CALM's input
@@ -53,7 +55,10 @@ compression ``b*(K*D + 5D)``, its head ``N*(b*(D*(6 + 12*blocks) + L) + 8*D*(blo
 for the N samples (the last term: the fp32 LayerNorms), the energy score's fp32 pair matrices ``12*(N*N + N*M)`` and the M
 posterior samples ``4*M*L``; the autoencoder's ``(layers/2)*(1 + 1/K)`` MLP
 layers of ``b*(3D + 4F/t)`` per token and its logits ``V/t*(2b + 8)`` per token (the
-tied projection's backward keeps a compute-dtype copy of their gradient).
+tied projection's backward keeps a compute-dtype copy of their gradient).  Above
+V = 32,768 both losses run in vocabulary blocks (``losses.blocked_token_nll``): the
+logits terms become one block's fp32 logits, exponentials and cotangent, ``12*c`` per
+token for a block of ``c`` columns (``losses.vocab_block_size`` of the global row count).
 
 For TPU slices the plan is checked against the real step compiled for the
 slice with libtpu (:mod:`calm_jax.parallel.aot`, ``launch.memory_plan
@@ -209,6 +214,15 @@ def _backbone(cfg) -> LlamaConfig | None:
   return cfg.backbone if isinstance(cfg, (EnergyConfig, TransformerConfig)) else None
 
 
+# Fraction of the attention's context-proportional bytes (``(H/t)*C*...`` in the formula) that the
+# train step keeps on a TPU with splash attention.  Fitted to XLA:TPU's compiles of Transformer-S and
+# Transformer-M for v5p:2x4x4 and v5p:4x4x4 at the paper's batch (2026-12-02,
+# benchmarks/RESULTS_aot_tpu.json): 0.45 puts the plan at 0.99-1.02 of the compiler's total on all
+# four; 0.47 keeps it a few percent above.  The kernel keeps only q, k, v, o and the log-sum-exp;
+# what remains context-sized are XLA's buffers around it.
+SPLASH_CONTEXT_FACTOR = 0.47
+
+
 def layer_activation_bytes(bb: LlamaConfig, policy: str, context: int, tensor: int, b: int,
                            platform: str = "gpu") -> float:
   """Bytes one backbone layer keeps per position for the backward pass (formula: module doc)."""
@@ -216,17 +230,41 @@ def layer_activation_bytes(bb: LlamaConfig, policy: str, context: int, tensor: i
   dkv = bb.num_key_value_heads * bb.head_dim
   flash = platform == "gpu" and (bb.attention_impl in ("dot_product_attention", "cudnn")
                                  or (bb.attention_impl == "auto" and b <= 2))   # auto: cuDNN in bf16/fp16
+  # TPU: 'auto' runs splash attention wherever the context is a multiple of 128
+  # (models.attention.resolve); XLA:TPU then keeps SPLASH_CONTEXT_FACTOR of the C-proportional bytes.
+  splash = platform == "tpu" and (bb.attention_impl == "splash"
+                                  or (bb.attention_impl == "auto" and context % 128 == 0))
+  scale = SPLASH_CONTEXT_FACTOR if splash else 1.0
   if policy == "none":
-    attn = (h / tensor) * (4 if flash else context * (4 + b))
+    attn = (h / tensor) * (4 if flash else scale * context * (4 + b))
     return b * (6 * d + (3 * d + 3 * dkv + 4 * f) / tensor) + attn
   if policy == "dots":
-    attn = (h / tensor) * (4 if flash else context * b)
+    attn = (h / tensor) * (4 if flash else scale * context * b)
     return b * (3 * d + (2 * d + 2 * dkv + 2 * f) / tensor) + attn
   if policy == "dots_no_batch":
     return b * (3 * d + (d + 2 * dkv + 2 * f) / tensor)
   if policy == "full":
     return b * d
   raise ValueError(f"remat_policy: unknown {policy!r}")
+
+
+def _vocab_block(vocab: int, global_rows: int) -> int:
+  from calm_jax.models import losses  # pylint: disable=import-outside-toplevel
+  return losses.vocab_block_size(vocab, global_rows)
+
+
+def logit_bytes_per_token(vocab: int, tensor: int, b: int, global_rows: int) -> tuple[float, str]:
+  """Bytes per token of the vocabulary projection's loss working set, and a note.
+
+  Plain path: compute-dtype logits, fp32 log-softmax and its gradient, and the tied projection's
+  compute-dtype copy of that gradient: ``V/t * (2b + 8)``.  Vocabulary-blocked path
+  (``losses.vocab_block_size`` > 0, chosen from the *global* row count at trace time): one block's
+  fp32 logits, exponentials and cotangent, ``12 c`` with ``c`` the block width.
+  """
+  c = _vocab_block(vocab, global_rows)
+  if c:
+    return 12.0 * c, f"vocabulary blocks of {c}"
+  return vocab / tensor * (2 * b + 8), "logits per token"
 
 
 def plan(kind: str, cfg, target: Target, workload: Workload, ae_cfg: AutoencoderConfig | None = None,
@@ -286,8 +324,10 @@ def plan(kind: str, cfg, target: Target, workload: Workload, ae_cfg: Autoencoder
     notes["activations"] = (f"{bb.num_hidden_layers} layers x {per_layer / 1e3:.1f} kB/position ({policy})"
                             f" x {pos_dev} positions")
     if isinstance(cfg, TransformerConfig):
-      extra = bb.vocab_size / tensor * (b + 8)
-      notes["non-layer"] = f"logits {extra / 1e3:.0f} kB/token"
+      c = _vocab_block(bb.vocab_size, tok_dev * dp)
+      extra = 12.0 * c if c else bb.vocab_size / tensor * (b + 8)
+      notes["non-layer"] = (f"vocabulary blocks of {c}: {extra / 1e3:.0f} kB/token" if c
+                            else f"logits {extra / 1e3:.0f} kB/token")
     else:
       d = bb.hidden_size
       from calm_jax.models import heads  # pylint: disable=import-outside-toplevel
@@ -314,15 +354,14 @@ def plan(kind: str, cfg, target: Target, workload: Workload, ae_cfg: Autoencoder
     d, f = cfg.hidden_size, cfg.intermediate_size
     layers = (cfg.num_encoder_layers + cfg.num_decoder_layers) / 2 * (1 + 1 / k)
     big = cfg.vocab_size * d / tensor
+    # Counted even with the vocabulary-blocked loss: XLA:TPU still gathers the whole tied matrix
+    # in some layouts (AE K=4 on v5p:2x4x4 at accum 8: 0.37 GiB compiled, 0.16 planned without it).
     rows["gathered"] = b * (2 * 3 * d * f / tensor + 2 * big) if fsdp > 1 else 0.0
     notes["gathered"] = "embedding + output matrix + 2 layers" if fsdp > 1 else "no FSDP"
     rows["activations"] = layers * b * (3 * d + 4 * f / tensor) * tok_dev
     notes["activations"] = f"{layers:.1f} MLP-layer units x {tok_dev} tokens"
-    # Logits per token: compute-dtype logits, fp32 log-softmax and its gradient, and the tied
-    # projection's compute-dtype copy of that gradient (layers.tied_logits' backward).
-    logits = cfg.vocab_size / tensor * (2 * b + 8)
+    logits, notes["non-layer"] = logit_bytes_per_token(cfg.vocab_size, tensor, b, tok_dev * dp)
     rows["non-layer"] = logits * tok_dev
-    notes["non-layer"] = "logits per token"
     tpu = target.platform == "tpu"   # as for the backbone: the logits' gradients reuse their buffers
     rows["backward"] = (b * (3 * d + 4 * f / tensor) + (0.0 if tpu else logits)) * tok_dev
     notes["backward"] = "gradients in flight: one MLP layer" + ("" if tpu else " + the logits")
