@@ -3,6 +3,10 @@ score's self-distance term with its own VJP, and the broadcast add whose VJP sum
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +14,22 @@ import pytest
 from scipy import stats
 
 from calm_jax.models import layers, losses, rng
+from test_sharding import ROOT, helper_env
+
+_SHARDED_DRAWS = """
+import os, re
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from calm_jax.models import losses
+mesh = jax.make_mesh((8,), ("d",))
+rows = NamedSharding(mesh, P("d", None))
+mean = jax.device_put(jnp.zeros((64, 32)), rows)
+f = jax.jit(lambda k, m: losses.posterior_samples(k, m, m, 16),
+            out_shardings=NamedSharding(mesh, P(None, "d", None)))
+text = f.lower(jax.random.key(0), mean).compile().as_text()
+print("COLLECTIVES", len(re.findall(r"all-to-all|collective-permute|all-gather|all-reduce", text)))
+"""
 
 # ----------------------------------------------------------------------------- rng.normal
 
@@ -39,6 +59,16 @@ def test_normal_is_a_function_of_key_and_shape():
   np.testing.assert_array_equal(a, rng.normal(jax.random.key_data(jax.random.key(0)), (7, 5, 3)))
 
 
+def test_normal_pairs_along_the_chosen_axis():
+  a = np.asarray(rng.normal(jax.random.key(2), (6, 7, 4), axis=1))
+  assert a.shape == (6, 7, 4) and len(np.unique(a)) == a.size
+  # The same blocks as pairing along axis 0 of the transposed shape, joined along axis 1.
+  b = np.asarray(rng.normal(jax.random.key(2), (7, 6, 4), axis=0))
+  assert not np.array_equal(a, np.swapaxes(b, 0, 1))   # counters follow the given shape
+  flat = rng.normal(jax.random.key(2), (5, 4000), axis=-1)
+  assert abs(float(jnp.mean(flat))) < 5 / np.sqrt(flat.size)
+
+
 def test_normal_under_vmap_matches_per_key_calls():
   keys = jax.random.split(jax.random.key(5), 3)
   batched = jax.vmap(lambda k: rng.normal(k, (4, 6)))(keys)
@@ -49,6 +79,15 @@ def test_normal_under_vmap_matches_per_key_calls():
 def test_normal_other_key_impl_falls_back():
   key = jax.random.key(0, impl="rbg")
   np.testing.assert_array_equal(rng.normal(key, (4, 3)), jax.random.normal(key, (4, 3)))
+
+
+def test_posterior_draws_stay_on_their_devices():
+  """Positions sharded over 8 devices: each device draws its own positions' samples, no collective
+  (pairing the threefry words along the positions axis cost 30 all-to-alls here)."""
+  proc = subprocess.run([sys.executable, "-c", _SHARDED_DRAWS], capture_output=True, text=True,
+                        env=dict(helper_env(), JAX_PLATFORMS="cpu"), cwd=ROOT, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "COLLECTIVES 0" in proc.stdout, proc.stdout + proc.stderr[-2000:]
 
 
 def test_posterior_samples_have_the_posterior_moments():

@@ -403,8 +403,9 @@ def posterior_samples(key, mean_PxL, log_std_PxL, num: int):
   mean = jax.lax.stop_gradient(mean_PxL.astype(jnp.float32))
   std = jnp.exp(jax.lax.stop_gradient(log_std_PxL.astype(jnp.float32)))
   # Drawn position-major ([P, num, L], each position's samples together: the layout the energy
-  # score's batched products read), returned as the [num, P, L] view.
-  eps = jnp.moveaxis(rng.normal(key, mean.shape[:1] + (num,) + mean.shape[1:], jnp.float32), 1, 0)
+  # score's batched products read), returned as the [num, P, L] view.  The threefry words are
+  # paired along the samples axis: P is sharded over the batch axes, the samples never are.
+  eps = jnp.moveaxis(rng.normal(key, mean.shape[:1] + (num,) + mean.shape[1:], jnp.float32, axis=1), 1, 0)
   return mean[None] + std[None] * eps
 
 

@@ -12,8 +12,9 @@ normal is ``jax.random.normal``'s own (23-bit uniform on (-1, 1), ``sqrt(2) erfi
 The draws differ from ``jax.random.normal(key, shape)`` for the same key (another counter
 layout), but are a pure function of ``key`` and ``shape``: resumed runs, sharded runs and
 recorded draws (``benchmarks/train_dynamics.py`` records this function too) see the same
-numbers.  The counters are elementwise in ``shape`` (no concatenation along a sharded axis
-except the leading one), so under ``jit`` shardings every device generates only its part.
+numbers.  The counters are elementwise in ``shape`` and the two halves are joined along one
+chosen axis (``axis``; an unsharded one), so under ``jit`` shardings every device generates
+only its part.
 """
 
 from __future__ import annotations
@@ -61,12 +62,12 @@ def _bits_to_normal(bits, dtype):
   return (jnp.float32(np.sqrt(2.0)) * jax.lax.erf_inv(u)).astype(dtype)
 
 
-def normal(key, shape, dtype=jnp.float32) -> jax.Array:
+def normal(key, shape, dtype=jnp.float32, axis: int = 0) -> jax.Array:
   """``shape`` standard normals from ``key``; every threefry2x32 block gives two of them.
 
-  The first half of the leading axis takes the blocks' first words, the second half their
-  second words (an odd leading axis is cut from one row more).  Keys of another PRNG
-  implementation fall back to ``jax.random.normal``.
+  Along ``axis`` the first half takes the blocks' first words and the second half their second
+  words (an odd length is cut from one row more).  Pick an axis that is not sharded: the halves
+  are joined along it.  Keys of another PRNG implementation fall back to ``jax.random.normal``.
   """
   shape = tuple(int(s) for s in shape)
   words = _threefry_words(key)
@@ -74,11 +75,11 @@ def normal(key, shape, dtype=jnp.float32) -> jax.Array:
     return jax.random.normal(key, shape, dtype)
   if math.prod(shape) // 2 >= 2**32:
     raise ValueError(f"rng.normal: {shape} needs more than 2^32 threefry blocks")
-  lead = -(-shape[0] // 2)
-  half = (lead,) + shape[1:]
+  axis = axis % len(shape)
+  half = shape[:axis] + (-(-shape[axis] // 2),) + shape[axis + 1:]
   b0, b1 = jex_random.threefry2x32_p.bind(words[0], words[1], jnp.zeros(half, jnp.uint32), _counters(half))
   # Materialise both words once: fused into their consumers, XLA would recompute the whole
   # threefry block for each of the two outputs, which is the cost this module saves.
   b0, b1 = jax.lax.optimization_barrier((b0, b1))
-  bits = jnp.concatenate([b0, b1], axis=0)[: shape[0]]
+  bits = jax.lax.slice_in_dim(jnp.concatenate([b0, b1], axis=axis), 0, shape[axis], axis=axis)
   return _bits_to_normal(bits, dtype)
