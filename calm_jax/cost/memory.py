@@ -253,18 +253,20 @@ def _vocab_block(vocab: int, global_rows: int) -> int:
   return losses.vocab_block_size(vocab, global_rows)
 
 
-def logit_bytes_per_token(vocab: int, tensor: int, b: int, global_rows: int) -> tuple[float, str]:
+def logit_bytes_per_token(vocab: int, tensor: int, b: int, global_rows: int, tied: bool) -> tuple[float, str]:
   """Bytes per token of the vocabulary projection's loss working set, and a note.
 
-  Plain path: compute-dtype logits, fp32 log-softmax and its gradient, and the tied projection's
-  compute-dtype copy of that gradient: ``V/t * (2b + 8)``.  Vocabulary-blocked path
-  (``losses.vocab_block_size`` > 0, chosen from the *global* row count at trace time): one block's
-  fp32 logits, exponentials and cotangent, ``12 c`` with ``c`` the block width.
+  Plain path: compute-dtype logits, fp32 log-softmax and its gradient, ``V/t * (b + 8)``, plus for
+  the tied projection (the AE) its compute-dtype copy of that gradient (``layers.tied_logits``'
+  backward): ``V/t * (2b + 8)``.  Vocabulary-blocked path (``losses.vocab_block_size`` > 0, chosen
+  from the *global* row count at trace time): one block's fp32 logits, exponentials and cotangent,
+  ``12 c`` with ``c`` the block width.
   """
   c = _vocab_block(vocab, global_rows)
   if c:
-    return 12.0 * c, f"vocabulary blocks of {c}"
-  return vocab / tensor * (2 * b + 8), "logits per token"
+    return 12.0 * c, f"vocabulary blocks of {c}: {12.0 * c / 1e3:.0f} kB/token"
+  per_token = vocab / tensor * ((2 if tied else 1) * b + 8)
+  return per_token, f"logits {per_token / 1e3:.0f} kB/token"
 
 
 def plan(kind: str, cfg, target: Target, workload: Workload, ae_cfg: AutoencoderConfig | None = None,
@@ -324,10 +326,7 @@ def plan(kind: str, cfg, target: Target, workload: Workload, ae_cfg: Autoencoder
     notes["activations"] = (f"{bb.num_hidden_layers} layers x {per_layer / 1e3:.1f} kB/position ({policy})"
                             f" x {pos_dev} positions")
     if isinstance(cfg, TransformerConfig):
-      c = _vocab_block(bb.vocab_size, tok_dev * dp)
-      extra = 12.0 * c if c else bb.vocab_size / tensor * (b + 8)
-      notes["non-layer"] = (f"vocabulary blocks of {c}: {extra / 1e3:.0f} kB/token" if c
-                            else f"logits {extra / 1e3:.0f} kB/token")
+      extra, notes["non-layer"] = logit_bytes_per_token(bb.vocab_size, tensor, b, tok_dev * dp, tied=False)
     else:
       d = bb.hidden_size
       from calm_jax.models import heads  # pylint: disable=import-outside-toplevel
@@ -360,7 +359,7 @@ def plan(kind: str, cfg, target: Target, workload: Workload, ae_cfg: Autoencoder
     notes["gathered"] = "embedding + output matrix + 2 layers" if fsdp > 1 else "no FSDP"
     rows["activations"] = layers * b * (3 * d + 4 * f / tensor) * tok_dev
     notes["activations"] = f"{layers:.1f} MLP-layer units x {tok_dev} tokens"
-    logits, notes["non-layer"] = logit_bytes_per_token(cfg.vocab_size, tensor, b, tok_dev * dp)
+    logits, notes["non-layer"] = logit_bytes_per_token(cfg.vocab_size, tensor, b, tok_dev * dp, tied=True)
     rows["non-layer"] = logits * tok_dev
     tpu = target.platform == "tpu"   # as for the backbone: the logits' gradients reuse their buffers
     rows["backward"] = (b * (3 * d + 4 * f / tensor) + (0.0 if tpu else logits)) * tok_dev

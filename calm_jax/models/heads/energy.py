@@ -51,11 +51,7 @@ class ConcatDense(nn.Module):
                         (da + db, self.features), self.param_dtype).astype(self.dtype)
     bias = self.param("bias", layers.param_init(layers.ZEROS, self.axes[-1:]), (self.features,),
                       self.param_dtype).astype(self.dtype)
-    per_sample = a.astype(self.dtype) @ kernel[:da]
-    shared = b.astype(self.dtype) @ kernel[da:] + bias
-    if per_sample.shape == shared.shape or jnp.broadcast_shapes(per_sample.shape, shared.shape) != per_sample.shape:
-      return per_sample + shared
-    return layers.add_broadcast(per_sample, shared)
+    return layers.add_broadcast(a.astype(self.dtype) @ kernel[:da], b.astype(self.dtype) @ kernel[da:] + bias)
 
 
 class MLPBlock(nn.Module):
