@@ -275,3 +275,26 @@ def test_tied_logits_have_the_gradients_of_a_plain_product(dtype):
   got = jax.jit(jax.grad(lambda e: jnp.sum(emb.apply({"params": {"embedding": e}}, h3, method="attend") * c3)))(e32)
   want = jax.grad(lambda e: jnp.sum(jnp.einsum("btd,vd->btv", h3, e) * c3))(e32)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_baseline_loss_equals_the_shifted_full_logits_loss(params):
+  """The baseline's loss projects only the T - 1 predicting positions; it must equal the
+  cross-entropy of the full model's logits shifted by one (value and every gradient, with and
+  without a padding mask)."""
+  from calm_jax.models import losses  # pylint: disable=import-outside-toplevel
+
+  p, tok = _perturbed(params["tr"], 3), _tokens(3, 16, 4)
+  mask = jnp.ones(tok.shape, bool).at[1, 9:].set(False)
+
+  def full(p, m):
+    logits, _ = TransformerLM(TR).apply({"params": p}, tok)
+    return losses.next_token_loss(logits, tok, m)
+
+  def ours(p, m):
+    return models.transformer_loss_fn(TR, p, tok, None, m)[0]
+
+  for m in (None, mask):
+    (a, ga), (b, gb) = jax.jit(jax.value_and_grad(full))(p, m), jax.jit(jax.value_and_grad(ours))(p, m)
+    np.testing.assert_allclose(float(b), float(a), rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+      np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-7)

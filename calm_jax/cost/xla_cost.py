@@ -275,8 +275,10 @@ def expected_train_flops(kind: str, cfg, ae_cfg: AutoencoderConfig | None, batch
   if kind == "transformer":
     bb = cfg.backbone
     fl = flops.transformer_flops(cfg, seq, train=True)
-    parts = {"backbone": b_t * fl.backbone, "attention": b_t * fl.attention, "lm_head": b_t * fl.lm_head}
-    ew = _llama_elementwise(bb, b_t, seq, True) + b_t * bb.vocab_size * e["logit"]
+    # The loss projects only the seq - 1 positions that predict a token (models.transformer_loss_fn).
+    b_p = float(batch * (seq - 1))
+    parts = {"backbone": b_t * fl.backbone, "attention": b_t * fl.attention, "lm_head": b_p * fl.lm_head}
+    ew = _llama_elementwise(bb, b_t, seq, True) + b_p * bb.vocab_size * e["logit"]
     n_params = flops.transformer_params(cfg).total
   elif kind == "autoencoder":
     fl = flops.autoencoder_flops(cfg, train=True)
