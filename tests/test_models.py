@@ -9,7 +9,7 @@ import pytest
 
 from calm_jax import models
 from calm_jax.configs import AutoencoderConfig, ConfigError, EnergyConfig, LlamaConfig, TransformerConfig
-from calm_jax.models import layers
+from calm_jax.models import layers, losses
 from calm_jax.models.autoencoder import Autoencoder
 from calm_jax.models.backbone import init_cache
 from calm_jax.models.calm import EnergyModel, sample_noise
@@ -281,8 +281,6 @@ def test_baseline_loss_equals_the_shifted_full_logits_loss(params):
   """The baseline's loss projects only the T - 1 predicting positions; it must equal the
   cross-entropy of the full model's logits shifted by one (value and every gradient, with and
   without a padding mask)."""
-  from calm_jax.models import losses  # pylint: disable=import-outside-toplevel
-
   p, tok = _perturbed(params["tr"], 3), _tokens(3, 16, 4)
   mask = jnp.ones(tok.shape, bool).at[1, 9:].set(False)
 

@@ -31,7 +31,8 @@ class TransformerLM(nn.Module):
 
   def hidden_and_head(self, tokens_BxT):
     """``(h_BxTxD, W_DxV)``: the final hidden states and the LM head's kernel, both in the compute
-    dtype (``__call__``'s logits are ``h @ W``), for losses that project in vocabulary blocks."""
+    dtype (``__call__``'s logits are ``h @ W``), for the training loss, which projects only the
+    positions it scores (in vocabulary blocks when V is large)."""
     h, _ = self.model(self.model.embed(tokens_BxT))
     dt = dtype_of(self.cfg.backbone.dtype)
     if self.is_initializing():
